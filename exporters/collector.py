@@ -1,0 +1,361 @@
+"""The collector framework of the node agent.
+
+Every collector samples in the background on its own thread; a scrape only
+concatenates the exposition text each collector rendered after its last sample,
+so scrape latency never depends on NVML, sysfs or a hung mount. A collector that
+raises, hangs past its timeout or returns garbage is reported through
+``gpufleet_exporter_collector_*`` and logged once per state change; its series
+are withdrawn (stale numbers that look healthy are worse than none) and the
+other collectors keep reporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+
+METRIC_TYPES = ("gauge", "counter")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """Descriptor of one metric family: the single source for emission and docs."""
+
+    name: str
+    type: str
+    help: str
+    labels: tuple[str, ...] = ()
+    # Which flag or condition enables it (for docs), e.g. "--gpu.dcgm-compat".
+    condition: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in METRIC_TYPES:
+            raise ValueError(f"{self.name}: unknown metric type {self.type!r}")
+        if self.type == "counter" and not self.name.endswith("_total") and not self.condition:
+            raise ValueError(f"{self.name}: counters end in _total")
+
+
+class SampleBuilder:
+    """Collects samples for the families of a spec table and builds them.
+
+    Emitting a name that has no spec is a programming error: every series the
+    agent publishes is documented in docs/metrics.md from the same table.
+    """
+
+    def __init__(self, specs: Mapping[str, MetricSpec]):
+        self._specs = specs
+        self._samples: dict[str, list[tuple[tuple[str, ...], float]]] = {}
+
+    def add(self, name: str, labels: Sequence[str], value: float) -> None:
+        spec = self._specs[name]
+        if len(labels) != len(spec.labels):
+            raise ValueError(f"{name}: expected labels {spec.labels}, got {tuple(labels)}")
+        self._samples.setdefault(name, []).append((tuple(str(v) for v in labels), float(value)))
+
+    def families(self) -> list[Metric]:
+        out: list[Metric] = []
+        for name, samples in self._samples.items():
+            spec = self._specs[name]
+            if spec.type == "counter" and name.endswith("_total"):
+                fam: Metric = CounterMetricFamily(name.removesuffix("_total"), spec.help, labels=spec.labels)
+            else:
+                fam = GaugeMetricFamily(name, spec.help, labels=spec.labels)
+                if spec.type == "counter":
+                    # DCGM-compatible counters keep dcgm-exporter's names (no _total),
+                    # which prometheus_client would rename; render() restores the type.
+                    _LEGACY_COUNTERS.add(name)
+            for labels, value in samples:
+                fam.add_metric(labels, value)
+            out.append(fam)
+        return out
+
+
+class Collector(ABC):
+    """One source of metrics (node_exporter's collector interface, in Python).
+
+    ``collect`` is called on a background thread every interval and returns
+    metric families built from one consistent snapshot. It may raise: the runner
+    turns that into ``collector_success 0``. Collectors that keep background
+    threads or handles release them in ``close``.
+    """
+
+    name: str = ""
+    specs: tuple[MetricSpec, ...] = ()
+
+    @abstractmethod
+    def collect(self) -> list[Metric]:
+        """Sample the source and return the metric families."""
+
+    def status(self) -> str:
+        """A short human description for the landing page."""
+        return ""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    def builder(self) -> SampleBuilder:
+        return SampleBuilder({s.name: s for s in self.specs})
+
+
+class CollectorError(Exception):
+    """A collector failed in a way it already explains in its message."""
+
+
+class _Families:
+    """Adapter so generate_latest() can render a plain list of families."""
+
+    def __init__(self, families: Iterable[Metric]):
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+# Names of counters exposed without the _total suffix (dcgm-exporter's spelling).
+_LEGACY_COUNTERS: set[str] = set()
+
+
+def render(families: Iterable[Metric]) -> bytes:
+    text = generate_latest(_Families(families))  # type: ignore[arg-type]
+    if _LEGACY_COUNTERS:
+        for name in _LEGACY_COUNTERS:
+            text = text.replace(f"# TYPE {name} gauge\n".encode(), f"# TYPE {name} counter\n".encode())
+    return text
+
+
+def _check_families(result: object) -> list[Metric]:
+    """Reject garbage before it reaches the exposition."""
+    if not isinstance(result, list):
+        raise CollectorError(f"returned {type(result).__name__}, not a list of metric families")
+    for fam in result:
+        if not isinstance(fam, Metric):
+            raise CollectorError(f"returned {type(fam).__name__} among its metric families")
+        for sample in fam.samples:
+            if not isinstance(sample.value, int | float) or isinstance(sample.value, bool):
+                raise CollectorError(f"{sample.name}: value {sample.value!r} is not a number")
+            if math.isinf(sample.value) and fam.type == "counter":
+                raise CollectorError(f"{sample.name}: infinite counter")
+    return result
+
+
+@dataclass
+class CollectorState:
+    success: bool = False
+    duration: float = 0.0
+    last_success: float = 0.0
+    last_error: str | None = "not collected yet"
+    errors_total: int = 0
+    payload: bytes = b""
+    started: float = field(default_factory=time.time)
+
+
+class CollectorRunner:
+    """Runs one collector on a schedule with a timeout; keeps its last snapshot.
+
+    The collection itself runs on a worker thread so that a call that hangs
+    (an NVML ioctl on a wedged GPU, statfs on a dead NFS server) is abandoned
+    after ``timeout`` without blocking the schedule. While that call is still
+    blocked no second worker is started, so threads never pile up.
+    """
+
+    def __init__(
+        self,
+        collector: Collector,
+        interval: float,
+        timeout: float,
+        logger: logging.Logger | None = None,
+        clock=time.time,
+    ):
+        self.collector = collector
+        self.interval = interval
+        self.timeout = timeout
+        self.log = logger or logging.getLogger(f"gpufleet.collector.{collector.name}")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = CollectorState()
+        self._worker: threading.Thread | None = None
+        self._worker_started = 0.0
+        self._done = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._logged_error: str | None = None
+        self._ever_logged = False
+        self.collections = 0
+
+    # -- schedule ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name=f"collector-{self.collector.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+        worker = self._worker
+        if worker is None or not worker.is_alive():
+            try:
+                self.collector.close()
+            except Exception:  # noqa: BLE001 - shutting down, log and go on
+                self.log.exception("closing collector failed", extra={"collector": self.collector.name})
+
+    def _loop(self) -> None:
+        next_run = time.monotonic()
+        while not self._stop.is_set():
+            self.run_once()
+            next_run += self.interval
+            delay = next_run - time.monotonic()
+            if delay < 0:  # fell behind (slow collection): do not burst to catch up
+                next_run = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    def run_once(self) -> None:
+        """One collection, bounded by the timeout. Safe to call from tests."""
+        if self._worker is not None and self._worker.is_alive():
+            blocked = time.monotonic() - self._worker_started
+            self._fail(f"previous collection still blocked after {blocked:.1f}s", count=False)
+            return
+        self._done.clear()
+        self._worker_started = time.monotonic()
+        self._worker = threading.Thread(
+            target=self._collect_once, name=f"collect-{self.collector.name}", daemon=True
+        )
+        self._worker.start()
+        if not self._done.wait(self.timeout):
+            self._fail(f"collection timed out after {self.timeout:g}s")
+
+    def _collect_once(self) -> None:
+        t0 = time.monotonic()
+        try:
+            families = _check_families(self.collector.collect())
+            payload = render(families)
+        except Exception as exc:  # noqa: BLE001 - any failure is data, never a crash
+            duration = time.monotonic() - t0
+            msg = str(exc) if isinstance(exc, CollectorError) else f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._state.duration = duration
+            self._fail(msg or type(exc).__name__)
+            if not isinstance(exc, CollectorError) and self._logged_error == msg:
+                self.log.debug("collector traceback", exc_info=True)
+        else:
+            duration = time.monotonic() - t0
+            with self._lock:
+                st = self._state
+                st.success = True
+                st.duration = duration
+                st.last_success = self._clock()
+                st.last_error = None
+                st.payload = payload
+            self.collections += 1
+            if self._logged_error is not None or not self._ever_logged:
+                if self._logged_error is not None:
+                    self.log.info(
+                        "collector recovered", extra={"collector": self.collector.name}
+                    )
+                self._logged_error = None
+                self._ever_logged = True
+        finally:
+            self._done.set()
+
+    def _fail(self, reason: str, count: bool = True) -> None:
+        with self._lock:
+            st = self._state
+            st.success = False
+            st.last_error = reason
+            st.payload = b""
+            if count:
+                st.errors_total += 1
+        # Log once per state change: the same reason every interval is noise.
+        if reason != self._logged_error and not reason.startswith("previous collection still blocked"):
+            self.log.error(
+                "collector failed", extra={"collector": self.collector.name, "reason": reason}
+            )
+            self._logged_error = reason
+            self._ever_logged = True
+
+    # -- scrape side ------------------------------------------------------
+    def state(self) -> CollectorState:
+        with self._lock:
+            st = self._state
+            return CollectorState(
+                st.success, st.duration, st.last_success, st.last_error, st.errors_total, st.payload, st.started
+            )
+
+
+SELF_SPECS = (
+    MetricSpec(
+        "gpufleet_exporter_collector_success",
+        "gauge",
+        "1 if the collector's last collection succeeded within its timeout, 0 otherwise.",
+        ("collector",),
+    ),
+    MetricSpec(
+        "gpufleet_exporter_collector_duration_seconds",
+        "gauge",
+        "Duration of the collector's last completed collection.",
+        ("collector",),
+    ),
+    MetricSpec(
+        "gpufleet_exporter_collector_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the collector's last successful collection (0 if never).",
+        ("collector",),
+    ),
+    MetricSpec(
+        "gpufleet_exporter_collector_errors_total",
+        "counter",
+        "Collections that failed, timed out or returned garbage.",
+        ("collector",),
+    ),
+    MetricSpec(
+        "gpufleet_exporter_build_info",
+        "gauge",
+        "Version of the node agent, value 1.",
+        ("version", "python_version"),
+    ),
+)
+
+
+class Agent:
+    """The set of running collectors, rendered together on scrape."""
+
+    def __init__(self, runners: Sequence[CollectorRunner], version: str = "", python_version: str = ""):
+        self.runners = list(runners)
+        self.version = version
+        self.python_version = python_version
+        self._self_specs = {s.name: s for s in SELF_SPECS}
+
+    def start(self) -> None:
+        for r in self.runners:
+            r.start()
+
+    def stop(self) -> None:
+        for r in self.runners:
+            r.stop()
+
+    def self_families(self) -> list[Metric]:
+        b = SampleBuilder(self._self_specs)
+        for r in self.runners:
+            st = r.state()
+            name = r.collector.name
+            b.add("gpufleet_exporter_collector_success", (name,), 1 if st.success else 0)
+            b.add("gpufleet_exporter_collector_duration_seconds", (name,), st.duration)
+            b.add("gpufleet_exporter_collector_last_success_timestamp_seconds", (name,), st.last_success)
+            b.add("gpufleet_exporter_collector_errors_total", (name,), st.errors_total)
+        b.add("gpufleet_exporter_build_info", (self.version, self.python_version), 1)
+        return b.families()
+
+    def exposition(self) -> bytes:
+        parts = [r.state().payload for r in self.runners]
+        parts.append(render(self.self_families()))
+        return b"".join(parts)
