@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nvml: the real NVML library (libnvidia-ml.so.1). sim: simulated GPUs, for demos and "
                           "tests (see --sim.*).")
     gpu.add_argument("--gpu.expected-count", dest="gpu_expected", type=_positive_int, default=None, metavar="N",
-                     help="GPUs this node should have; exported as gpu_expected_count so a GPU that fell off "
+                     help="GPUs this node should have; exported as gpu_devices_expected so a GPU that fell off "
                           "the bus is visible.")
     gpu.add_argument("--gpu.dcgm-compat", dest="dcgm_compat", action="store_true",
                      help="Also expose dcgm-exporter's DCGM_FI_* series with its names, units and labels.")

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 METRIC_TYPES = ("gauge", "counter")
 
@@ -66,12 +67,11 @@ class SampleBuilder:
             spec = self._specs[name]
             if spec.type == "counter" and name.endswith("_total"):
                 fam: Metric = CounterMetricFamily(name.removesuffix("_total"), spec.help, labels=spec.labels)
+            elif spec.type == "counter":
+                # dcgm-exporter spells some counters without _total; keep its names.
+                fam = _LegacyCounter(name, spec.help, spec.labels)
             else:
                 fam = GaugeMetricFamily(name, spec.help, labels=spec.labels)
-                if spec.type == "counter":
-                    # DCGM-compatible counters keep dcgm-exporter's names (no _total),
-                    # which prometheus_client would rename; render() restores the type.
-                    _LEGACY_COUNTERS.add(name)
             for labels, value in samples:
                 fam.add_metric(labels, value)
             out.append(fam)
@@ -109,26 +109,45 @@ class CollectorError(Exception):
     """A collector failed in a way it already explains in its message."""
 
 
-class _Families:
-    """Adapter so generate_latest() can render a plain list of families."""
+class _LegacyCounter(Metric):
+    """A counter whose samples carry the family name itself (no _total)."""
 
-    def __init__(self, families: Iterable[Metric]):
-        self._families = families
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]):
+        super().__init__(name, documentation, "counter")
+        self._labelnames = tuple(labels)
 
-    def collect(self) -> Iterable[Metric]:
-        return self._families
+    def add_metric(self, labels: Sequence[str], value: float) -> None:
+        self.samples.append(Sample(self.name, dict(zip(self._labelnames, labels, strict=True)), value))
 
 
-# Names of counters exposed without the _total suffix (dcgm-exporter's spelling).
-_LEGACY_COUNTERS: set[str] = set()
+def _escape_label(v: str) -> str:
+    if "\\" in v or "\n" in v or '"' in v:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return v
 
 
 def render(families: Iterable[Metric]) -> bytes:
-    text = generate_latest(_Families(families))  # type: ignore[arg-type]
-    if _LEGACY_COUNTERS:
-        for name in _LEGACY_COUNTERS:
-            text = text.replace(f"# TYPE {name} gauge\n".encode(), f"# TYPE {name} counter\n".encode())
-    return text
+    """Render families in the Prometheus text format (version 0.0.4).
+
+    Equivalent to prometheus_client's generate_latest for gauges and counters
+    (tests compare the two) at a fraction of its cost, which matters when an
+    8-GPU node emits over a thousand series every interval.
+    """
+    out: list[str] = []
+    for fam in families:
+        name = fam.name
+        if fam.type == "counter" and fam.samples and fam.samples[0].name != name:
+            name += "_total"
+        mtype = fam.type if fam.type in ("counter", "gauge", "histogram", "summary") else "untyped"
+        doc = fam.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n")
+        for s in fam.samples:
+            if s.labels:
+                lab = ",".join(f'{k}="{_escape_label(v)}"' for k, v in s.labels.items())
+                out.append(f"{s.name}{{{lab}}} {floatToGoString(s.value)}\n")
+            else:
+                out.append(f"{s.name} {floatToGoString(s.value)}\n")
+    return "".join(out).encode()
 
 
 def _check_families(result: object) -> list[Metric]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import socket
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,8 +88,8 @@ INFO_LABELS = ("gpu", "uuid", "name", "pci_bus_id", "serial", "vbios_version", "
 
 NATIVE_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("gpu_info", "gauge", "Static GPU facts as labels, value 1; join on uuid.", INFO_LABELS),
-    MetricSpec("gpu_count", "gauge", "Number of GPUs NVML enumerates on this node."),
-    MetricSpec("gpu_expected_count", "gauge", "GPUs this node should have (--gpu.expected-count).", (),
+    MetricSpec("gpu_devices", "gauge", "Number of GPUs NVML enumerates on this node (named so: promtool reserves _count for histograms)."),
+    MetricSpec("gpu_devices_expected", "gauge", "GPUs this node should have (--gpu.expected-count).", (),
                "--gpu.expected-count"),
     MetricSpec("gpu_up", "gauge", "1 if the GPU answers NVML, 0 if NVML reports it lost or needing a reset.", GPU),
     MetricSpec("gpu_utilization_ratio", "gauge",
@@ -350,16 +350,18 @@ class GpuCollector(Collector):
         except _Reinit as exc:
             self._reinit_later(str(exc))
             raise CollectorError(f"NVML is not available ({exc}); initialising again next time") from None
+        except (pynvml.NVMLError_Uninitialized, pynvml.NVMLError_DriverNotLoaded) as exc:
+            self._reinit_later(error_name(exc))
+            raise CollectorError(f"NVML is not available (nvmlDeviceGetCount: {error_name(exc)}); "
+                                 "initialising again next time") from None
         except pynvml.NVMLError as exc:
-            if isinstance(exc, pynvml.NVMLError_Uninitialized | pynvml.NVMLError_DriverNotLoaded):
-                self._reinit_later(error_name(exc))
             raise CollectorError(f"nvmlDeviceGetCount failed: {error_name(exc)}") from None
         if samples and not any(s.up for s in samples) and all(s.gone_reason == "Unknown" for s in samples):
             self._reinit_later("every GPU failed")
         b = self.builder()
-        b.add("gpu_count", (), count)
+        b.add("gpu_devices", (), count)
         if self.expected_count is not None:
-            b.add("gpu_expected_count", (), self.expected_count)
+            b.add("gpu_devices_expected", (), self.expected_count)
         self._resolve_kmsg()
         xid_counts, xid_last = self.xids.snapshot()
         for s in samples:
@@ -696,6 +698,11 @@ class GpuCollector(Collector):
                     self.log.error("Xid event watcher failed, retrying", extra={"collector": self.name,
                                                                                "reason": msg})
                 self._event_ok, self._event_error = False, msg
+                if es is not None:
+                    try:
+                        self.nvml.nvmlEventSetFree(es)
+                    except Exception:  # noqa: BLE001 - the set may be gone with the driver
+                        pass
                 es = None
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

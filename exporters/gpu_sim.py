@@ -44,7 +44,6 @@ key is optional::
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import inspect
 import json
 import math
@@ -103,6 +102,7 @@ class Model:
     temp_gpu_max: int
     temp_mem_max: int
     vbios: str
+    mig: bool = True
 
 
 MODELS = {
@@ -115,9 +115,9 @@ MODELS = {
         Model("a100-sxm4-80gb", "NVIDIA A100-SXM4-80GB", 85899345920, 400000, 55000, 1410, 210, 1593,
               12, False, False, False, True, 90, 92, 85, 95, "92.00.45.00.03"),
         Model("v100-sxm2-32gb", "Tesla V100-SXM2-32GB", 34359738368, 300000, 40000, 1530, 135, 877,
-              6, False, False, True, False, 87, 90, 83, 95, "88.00.80.00.01"),
+              6, False, False, True, False, 87, 90, 83, 95, "88.00.80.00.01", mig=False),
         Model("l40s", "NVIDIA L40S", 48305799168, 350000, 35000, 2520, 210, 9001,
-              0, False, True, False, True, 88, 93, 89, 95, "95.02.5A.00.01"),
+              0, False, True, False, True, 88, 93, 89, 95, "95.02.5A.00.01", mig=False),
     )
 }
 DEFAULT_MODEL = "h100-sxm5-80gb"
@@ -147,18 +147,19 @@ def _error_code(name: str) -> int:
 class StateFile:
     """The fault-injection file, re-read when its mtime or size changes."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, poll_interval: float = 0.05):
         self.path = path
-        self._sig: tuple[float, int] | None = None
+        self.poll_interval = poll_interval
+        self._sig: tuple[int, int, int] | None = None
         self.data: dict[str, Any] = {}
         self.error: str | None = None
         self._checked = 0.0
 
-    def refresh(self, min_interval: float = 0.05) -> bool:
+    def refresh(self, min_interval: float | None = None) -> bool:
         if not self.path:
             return False
         now = time.monotonic()
-        if now - self._checked < min_interval:
+        if now - self._checked < (self.poll_interval if min_interval is None else min_interval):
             return False
         self._checked = now
         try:
@@ -168,7 +169,7 @@ class StateFile:
                 self._sig, self.data = None, {}
                 return True
             return False
-        sig = (st.st_mtime, st.st_size)
+        sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         if sig == self._sig:
             return False
         try:
@@ -222,6 +223,7 @@ class SimulatedNVML:
         seed: int = 0,
         state_file: str | None = None,
         clock=time.time,
+        state_poll_interval: float = 0.05,
     ):
         if model not in MODELS:
             raise ValueError(f"unknown simulated model {model!r}; choose from {', '.join(sorted(MODELS))}")
@@ -232,7 +234,7 @@ class SimulatedNVML:
         rng = random.Random(seed)
         started = clock()
         self._gpus = [_GPU(i, self._model, rng, started) for i in range(gpus)]
-        self.state = StateFile(state_file)
+        self.state = StateFile(state_file, state_poll_interval)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._initialized = 0
@@ -507,9 +509,8 @@ class SimulatedNVML:
 
     def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
         gpu = self._gpu(handle, "nvmlDeviceGetMigMode")
-        if not gpu.model.gpm:  # MIG exists on A100/H100; keep it to the GPM parts plus A100
-            if "A100" not in gpu.model.name:
-                raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not gpu.model.mig:
+            raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
         mode = int(bool(self._st(gpu).get("mig_mode", False)))
         return [mode, mode]
 
@@ -795,8 +796,3 @@ class SimulatedNVML:
 def uuid_for(seed: int, index: int) -> str:
     """The UUID the simulator gives GPU ``index`` under ``seed`` (for tests and docs)."""
     return SimulatedNVML(gpus=index + 1, seed=seed)._gpus[index].uuid
-
-
-def state_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]

@@ -70,6 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     protocol_version = "HTTP/1.1"
     server_version = "gpufleet"
+    timeout = 30  # a client that connects and sends nothing must not hold a thread forever
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
         log.debug("http " + format, *args)

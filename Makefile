@@ -1,0 +1,39 @@
+# gpufleet: the two commands are `make demo` and `make test`. Every target is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup debs venv test lint docs demo bench clean
+
+setup: debs venv
+
+debs:
+	@scripts/install-debs.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m exporters.metricsdoc --check
+
+docs: venv
+	$(BIN)/python -m exporters.metricsdoc --write
+
+test: setup lint
+	$(BIN)/pytest -q
+
+demo: setup
+	@scripts/demo.sh
+
+bench: setup
+	$(BIN)/python bench/exporter.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .tmp
