@@ -313,3 +313,39 @@ def test_unimplemented_functions_raise_function_not_found_like_old_drivers():
     assert sim.NVML_ERROR_GPU_IS_LOST == 15
     assert sim.NVMLError_GpuIsLost is pynvml.NVMLError_GpuIsLost
     assert isinstance(sim.nvmlDeviceGetMemoryInfo(sim.nvmlDeviceGetHandleByIndex(0)), pynvml.c_nvmlMemory_t)
+
+
+def test_hung_nvml_call_is_bounded_by_the_collector_timeout(make, sim_state):
+    from exporters.collector import Agent, CollectorRunner
+    from tests.conftest import parse
+
+    c = make()
+    runner = CollectorRunner(c, interval=1.0, timeout=0.3)
+    agent = Agent([runner])
+    runner.run_once()
+    assert runner.state().success
+    sim_state.gpu(2, hang=True)
+    runner.run_once()  # returns after 0.3 s although GPU 2's call is still blocked
+    st = runner.state()
+    assert not st.success and "timed out" in st.last_error
+    m = parse(agent.exposition())
+    assert value(m, "gpufleet_exporter_collector_success", collector="gpu") == 0
+    sim_state.gpu(2, hang=False)
+    wait_for(lambda: not runner._worker.is_alive())
+    runner.run_once()
+    assert runner.state().success
+    assert value(parse(agent.exposition()), "gpu_up", gpu="2") == 1
+
+
+def test_every_gpm_family_matches_the_nvml_value_in_our_units(make, sim_state):
+    from exporters.gpu import GPM_METRICS
+
+    sim_state.gpu(7, utilization=0.6)
+    c = make()
+    scrape_collector(c)
+    m = wait_for(lambda: (s := scrape_collector(c)) and "gpu_sm_active_ratio" in s and s)
+    profile = c.nvml.gpm_profile(0.6)
+    for metric_id, (name, scale) in GPM_METRICS.items():
+        assert value(m, name, gpu="7") == pytest.approx(profile[metric_id] * scale), name
+        if name.endswith("_ratio"):
+            assert 0 <= value(m, name, gpu="7") <= 1
