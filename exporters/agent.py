@@ -7,8 +7,8 @@ Flags follow node_exporter: ``--collector.<name>`` / ``--no-collector.<name>``,
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import os
 import platform
 import signal
 import sys
@@ -17,6 +17,7 @@ import time
 from importlib import metadata
 from typing import Any
 
+from exporters.cli import duration
 from exporters.collector import Agent, Collector, CollectorRunner
 from exporters.logsetup import LEVELS, setup_logging
 from exporters.web import ExporterServer, landing_page, parse_listen_address
@@ -33,37 +34,16 @@ def version() -> str:
         return "0+unknown"
 
 
-def duration(text: str) -> float:
-    """Parse a Prometheus-style duration (``500ms``, ``5s``, ``1m``) or plain seconds."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    t = text.strip()
-    try:
-        for suffix in ("ms", "s", "m", "h"):
-            if t.endswith(suffix):
-                value = float(t[: -len(suffix)]) * units[suffix]
-                break
-        else:
-            value = float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 500ms, 5s, 1m)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
-    return value
+# Each collector module provides COLLECTOR_NAME, COLLECTOR_HELP, DEFAULT_ENABLED,
+# add_arguments(parser) for its own flag group, and create(args) -> Collector.
+COLLECTOR_MODULES = ("exporters.gpu",)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+def collector_modules() -> list[Any]:
+    return [importlib.import_module(m) for m in COLLECTOR_MODULES]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exporters.gpu_sim import DEFAULT_MODEL, MODELS
-
     p = argparse.ArgumentParser(
         prog="gpufleet-exporter",
         description=(
@@ -88,43 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="DURATION", help="How often collectors sample in the background.")
     col.add_argument("--collector.timeout", dest="timeout", type=duration, default=None, metavar="DURATION",
                      help="A collection that takes longer is abandoned and reported as failed "
-                          "(default: the interval, at least 2s).")
-    col.add_argument("--collector.gpu", dest="collector_gpu", action=argparse.BooleanOptionalAction, default=True,
-                     help="GPU metrics from NVML (--no-collector.gpu disables).")
+                          "(None: the interval, at least 2s).")
+    for module in collector_modules():
+        name = module.COLLECTOR_NAME
+        col.add_argument(f"--collector.{name}", dest=f"collector_{name}", action=argparse.BooleanOptionalAction,
+                         default=module.DEFAULT_ENABLED,
+                         help=f"{module.COLLECTOR_HELP} (--no-collector.{name} disables).")
     paths = p.add_argument_group("paths")
     paths.add_argument("--path.sysfs", dest="sysfs", default="/sys", help="sysfs mount point.")
     paths.add_argument("--path.procfs", dest="procfs", default="/proc", help="procfs mount point.")
     paths.add_argument("--path.rootfs", dest="rootfs", default="/",
                        help="Host root filesystem (the kernel log is read from <rootfs>/dev/kmsg).")
-    gpu = p.add_argument_group("gpu collector")
-    gpu.add_argument("--gpu.backend", dest="gpu_backend", choices=("nvml", "sim"), default="nvml",
-                     help="nvml: the real NVML library (libnvidia-ml.so.1). sim: simulated GPUs, for demos and "
-                          "tests (see --sim.*).")
-    gpu.add_argument("--gpu.expected-count", dest="gpu_expected", type=_positive_int, default=None, metavar="N",
-                     help="GPUs this node should have; exported as gpu_devices_expected so a GPU that fell off "
-                          "the bus is visible.")
-    gpu.add_argument("--gpu.dcgm-compat", dest="dcgm_compat", action="store_true",
-                     help="Also expose dcgm-exporter's DCGM_FI_* series with its names, units and labels.")
-    gpu.add_argument("--gpu.dcgm-hostname", dest="dcgm_hostname", default="",
-                     help="Value of the Hostname label of DCGM_FI_* series (default: $NODE_NAME, else the host "
-                          "name).")
-    gpu.add_argument("--gpu.xid-source", dest="xid_source", choices=("nvml", "kmsg", "both"), default="nvml",
-                     help="Where Xid errors are read: NVML events, the kernel log (<rootfs>/dev/kmsg), or both "
-                          "(each event counted once: the larger count of the two sources wins).")
-    gpu.add_argument("--gpu.kmsg-path", dest="kmsg_path", default="",
-                     help="Kernel log to follow for Xid lines (default <rootfs>/dev/kmsg; a regular file is "
-                          "followed like tail -F).")
-    gpu.add_argument("--gpu.gpm", dest="gpm", action=argparse.BooleanOptionalAction, default=True,
-                     help="Profiling metrics (SM/tensor/DRAM activity, NVLink and PCIe rates) through NVML GPM "
-                          "on Hopper and newer.")
-    sim = p.add_argument_group("simulator (--gpu.backend=sim)")
-    sim.add_argument("--sim.gpus", dest="sim_gpus", type=_positive_int, default=8, help="Simulated GPUs.")
-    sim.add_argument("--sim.model", dest="sim_model", choices=sorted(MODELS), default=DEFAULT_MODEL,
-                     help="GPU profile (name, memory, power limit, NVLinks, GPM support).")
-    sim.add_argument("--sim.seed", dest="sim_seed", type=int, default=0,
-                     help="Seed for UUIDs, serials and load patterns; use one per simulated node.")
-    sim.add_argument("--sim.state-file", dest="sim_state", default="", metavar="FILE",
-                     help="YAML/JSON fault-injection file, re-read when it changes (docs/simulator.md).")
+    for module in collector_modules():
+        module.add_arguments(p)
     logs = p.add_argument_group("logging")
     logs.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info", help="Minimum level logged.")
     logs.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt",
@@ -133,35 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_nvml(args: argparse.Namespace) -> Any:
-    if args.gpu_backend == "sim":
-        from exporters.gpu_sim import SimulatedNVML
-
-        return SimulatedNVML(gpus=args.sim_gpus, model=args.sim_model, seed=args.sim_seed,
-                             state_file=args.sim_state or None)
-    import pynvml
-
-    return pynvml
-
-
 def build_collectors(args: argparse.Namespace) -> list[Collector]:
-    collectors: list[Collector] = []
-    if args.collector_gpu:
-        from exporters.gpu import GpuCollector
-
-        sources = ("nvml", "kmsg") if args.xid_source == "both" else (args.xid_source,)
-        collectors.append(
-            GpuCollector(
-                make_nvml(args),
-                expected_count=args.gpu_expected,
-                dcgm_compat=args.dcgm_compat,
-                dcgm_hostname=args.dcgm_hostname,
-                xid_sources=sources,
-                kmsg_path=args.kmsg_path or os.path.join(args.rootfs, "dev/kmsg"),
-                gpm=args.gpm,
-            )
-        )
-    return collectors
+    return [m.create(args) for m in collector_modules() if getattr(args, f"collector_{m.COLLECTOR_NAME}")]
 
 
 class Exporter:

@@ -15,6 +15,7 @@ driver reload is survived.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
@@ -27,10 +28,15 @@ from typing import Any
 import pynvml
 
 from exporters import gpu_dcgm, gpu_xid
+from exporters.cli import non_negative_int
 from exporters.collector import Collector, CollectorError, MetricSpec
-from exporters.gpu_sim import CLOCK_EVENT_BITS, RECOVERY_ACTIONS
+from exporters.gpu_sim import CLOCK_EVENT_BITS, DEFAULT_MODEL, MODELS, RECOVERY_ACTIONS
 
 log = logging.getLogger("gpufleet.collector.gpu")
+
+COLLECTOR_NAME = "gpu"
+COLLECTOR_HELP = "GPU metrics from NVML"
+DEFAULT_ENABLED = True
 
 GPU = ("gpu", "uuid")
 
@@ -772,3 +778,55 @@ def _field_value(fv: Any) -> float:
     if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT:
         return fv.value.usVal
     raise CollectorError(f"unknown NVML value type {t}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    gpu = p.add_argument_group("gpu collector (--collector.gpu)")
+    gpu.add_argument("--gpu.backend", dest="gpu_backend", choices=("nvml", "sim"), default="nvml",
+                     help="nvml: the real NVML library (libnvidia-ml.so.1). sim: simulated GPUs, for demos and "
+                          "tests (see --sim.*).")
+    gpu.add_argument("--gpu.expected-count", dest="gpu_expected", type=non_negative_int, default=None, metavar="N",
+                     help="GPUs this node should have; exported as gpu_devices_expected so a GPU that fell off "
+                          "the bus is visible.")
+    gpu.add_argument("--gpu.dcgm-compat", dest="dcgm_compat", action="store_true",
+                     help="Also expose dcgm-exporter's DCGM_FI_* series with its names, units and labels.")
+    gpu.add_argument("--gpu.dcgm-hostname", dest="dcgm_hostname", default="",
+                     help="Value of the Hostname label of DCGM_FI_* series (default: $NODE_NAME, else the host "
+                          "name).")
+    gpu.add_argument("--gpu.xid-source", dest="xid_source", choices=("nvml", "kmsg", "both"), default="nvml",
+                     help="Where Xid errors are read: NVML events, the kernel log (<rootfs>/dev/kmsg), or both "
+                          "(each event counted once: the larger count of the two sources wins).")
+    gpu.add_argument("--gpu.kmsg-path", dest="kmsg_path", default="",
+                     help="Kernel log to follow for Xid lines (default <rootfs>/dev/kmsg; a regular file is "
+                          "followed like tail -F).")
+    gpu.add_argument("--gpu.gpm", dest="gpm", action=argparse.BooleanOptionalAction, default=True,
+                     help="Profiling metrics (SM/tensor/DRAM activity, NVLink and PCIe rates) through NVML GPM "
+                          "on Hopper and newer.")
+    sim = p.add_argument_group("simulator (--gpu.backend=sim)")
+    sim.add_argument("--sim.gpus", dest="sim_gpus", type=non_negative_int, default=8, help="Simulated GPUs.")
+    sim.add_argument("--sim.model", dest="sim_model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                     help="GPU profile (name, memory, power limit, NVLinks, GPM support).")
+    sim.add_argument("--sim.seed", dest="sim_seed", type=int, default=0,
+                     help="Seed for UUIDs, serials and load patterns; use one per simulated node.")
+    sim.add_argument("--sim.state-file", dest="sim_state", default="", metavar="FILE",
+                     help="YAML/JSON fault-injection file, re-read when it changes (docs/simulator.md).")
+
+
+def create(args: argparse.Namespace) -> GpuCollector:
+    if args.gpu_backend == "sim":
+        from exporters.gpu_sim import SimulatedNVML
+
+        nvml: Any = SimulatedNVML(gpus=args.sim_gpus, model=args.sim_model, seed=args.sim_seed,
+                                  state_file=args.sim_state or None)
+    else:
+        nvml = pynvml
+    sources = ("nvml", "kmsg") if args.xid_source == "both" else (args.xid_source,)
+    return GpuCollector(
+        nvml,
+        expected_count=args.gpu_expected,
+        dcgm_compat=args.dcgm_compat,
+        dcgm_hostname=args.dcgm_hostname,
+        xid_sources=sources,
+        kmsg_path=args.kmsg_path or os.path.join(args.rootfs, "dev/kmsg"),
+        gpm=args.gpm,
+    )
