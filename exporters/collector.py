@@ -264,8 +264,8 @@ class CollectorRunner:
             with self._lock:
                 self._state.duration = duration
             self._fail(msg or type(exc).__name__)
-            if not isinstance(exc, CollectorError) and self._logged_error == msg:
-                self.log.debug("collector traceback", exc_info=True)
+            if not isinstance(exc, CollectorError):
+                self.log.debug("collector traceback", exc_info=True, extra={"collector": self.collector.name})
         else:
             duration = time.monotonic() - t0
             with self._lock:
