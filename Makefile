@@ -28,6 +28,8 @@ docs: venv
 
 test: setup lint
 	$(BIN)/pytest -q
+	@echo "tests/gpu against the simulator (keeps the hardware suite itself honest):"
+	GPUFLEET_GPU_TESTS_BACKEND=sim $(BIN)/pytest -q tests/gpu
 
 demo: setup
 	@scripts/demo.sh

@@ -30,6 +30,7 @@ import pynvml
 from exporters import gpu_dcgm, gpu_xid
 from exporters.cli import non_negative_int
 from exporters.collector import Collector, CollectorError, MetricSpec
+from exporters.gpu_gpm import GPM_METRICS
 from exporters.gpu_sim import CLOCK_EVENT_BITS, DEFAULT_MODEL, MODELS, RECOVERY_ACTIONS
 
 log = logging.getLogger("gpufleet.collector.gpu")
@@ -39,37 +40,6 @@ COLLECTOR_HELP = "GPU metrics from NVML"
 DEFAULT_ENABLED = True
 
 GPU = ("gpu", "uuid")
-
-# GPM metric id -> (native metric name, scale from NVML's unit to ours)
-MIB = 1024 * 1024
-GPM_METRICS: dict[int, tuple[str, float]] = {
-    pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: ("gpu_graphics_engine_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_SM_UTIL: ("gpu_sm_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: ("gpu_sm_occupancy_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: ("gpu_tensor_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: ("gpu_dram_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_FP64_UTIL: ("gpu_fp64_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_FP32_UTIL: ("gpu_fp32_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_FP16_UTIL: ("gpu_fp16_active_ratio", 0.01),
-    pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC: ("gpu_pcie_transmit_bytes_per_second", MIB),
-    pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC: ("gpu_pcie_receive_bytes_per_second", MIB),
-    pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: ("gpu_nvlink_transmit_bytes_per_second", MIB),
-    pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: ("gpu_nvlink_receive_bytes_per_second", MIB),
-}
-GPM_HELP = {
-    "gpu_graphics_engine_active_ratio": "Fraction of time the graphics/compute engine was active (NVML GPM).",
-    "gpu_sm_active_ratio": "Fraction of time at least one warp was resident on an SM, averaged over SMs (NVML GPM).",
-    "gpu_sm_occupancy_ratio": "Resident warps as a fraction of the maximum, averaged over SMs (NVML GPM).",
-    "gpu_tensor_active_ratio": "Fraction of cycles any tensor pipe was active (NVML GPM).",
-    "gpu_dram_active_ratio": "Fraction of cycles the HBM/DRAM interface was busy (NVML GPM).",
-    "gpu_fp64_active_ratio": "Fraction of cycles the FP64 pipe was active (NVML GPM).",
-    "gpu_fp32_active_ratio": "Fraction of cycles the FP32 pipe was active (NVML GPM).",
-    "gpu_fp16_active_ratio": "Fraction of cycles the FP16 pipe was active (NVML GPM).",
-    "gpu_pcie_transmit_bytes_per_second": "PCIe bytes sent per second over the last interval (NVML GPM).",
-    "gpu_pcie_receive_bytes_per_second": "PCIe bytes received per second over the last interval (NVML GPM).",
-    "gpu_nvlink_transmit_bytes_per_second": "NVLink bytes sent per second, all links (NVML GPM).",
-    "gpu_nvlink_receive_bytes_per_second": "NVLink bytes received per second, all links (NVML GPM).",
-}
 
 NVLINK_COUNTERS = {
     "crc_flit": pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
@@ -152,8 +122,7 @@ NATIVE_SPECS: tuple[MetricSpec, ...] = (
                "Xid errors seen, per code, with the catalogue class (reboot, hw_inspection, app, ignore, unknown).",
                GPU + ("xid", "class")),
     MetricSpec("gpu_xid_last_timestamp_seconds", "gauge", "Unix time of the GPU's most recent Xid error.", GPU),
-    *(MetricSpec(name, "gauge", GPM_HELP[name], GPU, "Hopper and newer (NVML GPM)")
-      for name, _ in GPM_METRICS.values()),
+    *(MetricSpec(m.native, "gauge", m.help, GPU, "Hopper and newer (NVML GPM)") for m in GPM_METRICS.values()),
     MetricSpec("gpufleet_exporter_nvml_errors_total", "counter",
                "NVML calls that failed, by function and error (NotSupported excluded).", ("function", "error")),
     MetricSpec("gpufleet_exporter_xid_source_up", "gauge",
@@ -644,8 +613,8 @@ class GpuCollector(Collector):
             if current not in RECOVERY_ACTIONS:
                 b.add("gpu_recovery_action", g + (current,), 1)
         for metric_id, value in s.gpm.items():
-            name, scale = GPM_METRICS[metric_id]
-            b.add(name, g, value * scale)
+            m = GPM_METRICS[metric_id]
+            b.add(m.native, g, value * m.scale)
 
     # -- Xid sources -----------------------------------------------------------------
     def _start_event_thread(self) -> None:
@@ -761,23 +730,23 @@ class GpuCollector(Collector):
             self._initialized = False
 
 
+_VALUE_FIELDS = {
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+}
+
+
 def _field_value(fv: Any) -> float:
-    t = fv.valueType
-    if t == pynvml.NVML_VALUE_TYPE_DOUBLE:
-        return fv.value.dVal
-    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return fv.value.uiVal
-    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return fv.value.ulVal
-    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
-        return fv.value.ullVal
-    if t == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
-        return fv.value.sllVal
-    if t == pynvml.NVML_VALUE_TYPE_SIGNED_INT:
-        return fv.value.siVal
-    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT:
-        return fv.value.usVal
-    raise CollectorError(f"unknown NVML value type {t}")
+    """The value of an nvmlFieldValue_t, read from the union member its type names."""
+    member = _VALUE_FIELDS.get(fv.valueType)
+    if member is None:
+        raise CollectorError(f"unknown NVML value type {fv.valueType}")
+    return getattr(fv.value, member)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import pynvml
-
 from exporters import gpu_xid
 from exporters.collector import MetricSpec
+from exporters.gpu_gpm import GPM_METRICS
 
 if TYPE_CHECKING:
     from exporters.gpu import GpuSample
@@ -57,26 +56,11 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL": ("counter", "Total number of NVLink data CRC errors."),
     "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL": ("counter", "Total number of NVLink retries."),
     "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL": ("counter", "Total number of NVLink recovery errors."),
-    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": ("gauge", "Ratio of time the graphics engine is active."),
-    "DCGM_FI_PROF_SM_ACTIVE": ("gauge", "The ratio of cycles an SM has at least 1 warp assigned."),
-    "DCGM_FI_PROF_SM_OCCUPANCY": ("gauge", "The ratio of number of warps resident on an SM."),
-    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": ("gauge", "Ratio of cycles the tensor (HMMA) pipe is active."),
-    "DCGM_FI_PROF_DRAM_ACTIVE": ("gauge", "Ratio of cycles the device memory interface is active sending or "
-                                          "receiving data."),
-    "DCGM_FI_PROF_PIPE_FP64_ACTIVE": ("gauge", "Ratio of cycles the fp64 pipes are active."),
-    "DCGM_FI_PROF_PIPE_FP32_ACTIVE": ("gauge", "Ratio of cycles the fp32 pipes are active."),
-    "DCGM_FI_PROF_PIPE_FP16_ACTIVE": ("gauge", "Ratio of cycles the fp16 pipes are active."),
-    "DCGM_FI_PROF_PCIE_TX_BYTES": ("gauge", "The rate of data transmitted over the PCIe bus - including both "
-                                            "protocol headers and data payloads - in bytes per second."),
-    "DCGM_FI_PROF_PCIE_RX_BYTES": ("gauge", "The rate of data received over the PCIe bus - including both "
-                                            "protocol headers and data payloads - in bytes per second."),
-    "DCGM_FI_PROF_NVLINK_TX_BYTES": ("gauge", "The rate of data transmitted over NVLink, not including protocol "
-                                              "headers, in bytes per second."),
-    "DCGM_FI_PROF_NVLINK_RX_BYTES": ("gauge", "The rate of data received over NVLink, not including protocol "
-                                              "headers, in bytes per second."),
 }
 
-SPECS: tuple[MetricSpec, ...] = tuple(MetricSpec(n, t, h, LABELS, COND) for n, (t, h) in _FIELDS.items()) + (
+SPECS: tuple[MetricSpec, ...] = (
+    *(MetricSpec(n, t, h, LABELS, COND) for n, (t, h) in _FIELDS.items()),
+    *(MetricSpec(m.dcgm, "gauge", m.help, LABELS, COND) for m in GPM_METRICS.values()),
     MetricSpec("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.",
                LABELS + ("err_code", "err_msg"), COND),
 )
@@ -109,23 +93,6 @@ _NVLINK = {
     "replay": "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
     "recovery": "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
 }
-# GPM metric id -> (DCGM name, scale from NVML's unit: percent -> ratio, MiB/s -> B/s)
-_GPM = {
-    pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: ("DCGM_FI_PROF_GR_ENGINE_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_SM_UTIL: ("DCGM_FI_PROF_SM_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: ("DCGM_FI_PROF_SM_OCCUPANCY", 0.01),
-    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: ("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: ("DCGM_FI_PROF_DRAM_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_FP64_UTIL: ("DCGM_FI_PROF_PIPE_FP64_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_FP32_UTIL: ("DCGM_FI_PROF_PIPE_FP32_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_FP16_UTIL: ("DCGM_FI_PROF_PIPE_FP16_ACTIVE", 0.01),
-    pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC: ("DCGM_FI_PROF_PCIE_TX_BYTES", MIB),
-    pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC: ("DCGM_FI_PROF_PCIE_RX_BYTES", MIB),
-    pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: ("DCGM_FI_PROF_NVLINK_TX_BYTES", MIB),
-    pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: ("DCGM_FI_PROF_NVLINK_RX_BYTES", MIB),
-}
-
-
 def labels_for(s: GpuSample, hostname: str) -> tuple[str, ...]:
     return (
         str(s.index),
@@ -166,8 +133,7 @@ def emit(b: Any, samples: Iterable[GpuSample], hostname: str, last_xid: Mapping[
             for cname, name in _NVLINK.items():
                 b.add(name, lab, sum(n for (_, c), n in s.nvlink_errors.items() if c == cname))
         for metric_id, value in s.gpm.items():
-            if metric_id in _GPM:
-                name, scale = _GPM[metric_id]
-                b.add(name, lab, value * scale)
+            m = GPM_METRICS[metric_id]
+            b.add(m.dcgm, lab, value * m.scale)
         code = last_xid.get(s.index, 0)
         b.add("DCGM_FI_DEV_XID_ERRORS", lab + (str(code), gpu_xid.describe(code) if code else ""), code)

@@ -338,14 +338,14 @@ def test_hung_nvml_call_is_bounded_by_the_collector_timeout(make, sim_state):
 
 
 def test_every_gpm_family_matches_the_nvml_value_in_our_units(make, sim_state):
-    from exporters.gpu import GPM_METRICS
+    from exporters.gpu_gpm import GPM_METRICS
 
     sim_state.gpu(7, utilization=0.6)
     c = make()
     scrape_collector(c)
     m = wait_for(lambda: (s := scrape_collector(c)) and "gpu_sm_active_ratio" in s and s)
     profile = c.nvml.gpm_profile(0.6)
-    for metric_id, (name, scale) in GPM_METRICS.items():
+    for metric_id, (name, _dcgm, scale, _help) in GPM_METRICS.items():
         assert value(m, name, gpu="7") == pytest.approx(profile[metric_id] * scale), name
         if name.endswith("_ratio"):
             assert 0 <= value(m, name, gpu="7") <= 1

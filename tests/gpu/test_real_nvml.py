@@ -24,7 +24,8 @@ import pynvml
 import pytest
 
 from exporters.collector import render
-from exporters.gpu import GPM_METRICS, NATIVE_SPECS, NVLINK_COUNTERS, TEMPERATURE_THRESHOLDS, GpuCollector
+from exporters.gpu import NATIVE_SPECS, NVLINK_COUNTERS, TEMPERATURE_THRESHOLDS, GpuCollector
+from exporters.gpu_gpm import GPM_METRICS
 from exporters.gpu_sim import CLOCK_EVENT_BITS, RECOVERY_ACTIONS
 from tests.conftest import parse, value, wait_for
 
@@ -35,8 +36,8 @@ NATIVE_NAMES = [s.name for s in NATIVE_SPECS]
 # The device-count gauge (named gpu_devices since promtool reserves _count for histograms).
 COUNT_METRIC = next(n for n in ("gpu_devices", "gpu_count") if n in NATIVE_NAMES)
 COUNTERS = {s.name for s in NATIVE_SPECS if s.type == "counter"}
-GPM_RATIOS = [name for name, _ in GPM_METRICS.values() if name.endswith("_ratio")]
-GPM_RATES = [name for name, _ in GPM_METRICS.values() if name.endswith("_per_second")]
+GPM_RATIOS = [m.native for m in GPM_METRICS.values() if m.native.endswith("_ratio")]
+GPM_RATES = [m.native for m in GPM_METRICS.values() if m.native.endswith("_per_second")]
 ARCH_NAMES = {v: k.removeprefix("NVML_DEVICE_ARCH_").lower()
               for k, v in vars(pynvml).items() if k.startswith("NVML_DEVICE_ARCH_") and isinstance(v, int)}
 RETIREMENT_CAUSES = {
