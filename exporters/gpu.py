@@ -781,14 +781,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="YAML/JSON fault-injection file, re-read when it changes (docs/simulator.md).")
 
 
-def create(args: argparse.Namespace) -> GpuCollector:
-    if args.gpu_backend == "sim":
-        from exporters.gpu_sim import SimulatedNVML
+def nvml_for(args: argparse.Namespace) -> Any:
+    """The NVML backend the flags select, one per agent: collectors that read
+    NVML (gpu, jobs) share it, so a simulated node looks the same to all of them."""
+    nvml = getattr(args, "_nvml", None)
+    if nvml is None:
+        if args.gpu_backend == "sim":
+            from exporters.gpu_sim import SimulatedNVML
 
-        nvml: Any = SimulatedNVML(gpus=args.sim_gpus, model=args.sim_model, seed=args.sim_seed,
-                                  state_file=args.sim_state or None)
-    else:
-        nvml = pynvml
+            nvml = SimulatedNVML(gpus=args.sim_gpus, model=args.sim_model, seed=args.sim_seed,
+                                 state_file=args.sim_state or None)
+        else:
+            nvml = pynvml
+        args._nvml = nvml
+    return nvml
+
+
+def create(args: argparse.Namespace) -> GpuCollector:
+    nvml = nvml_for(args)
     sources = ("nvml", "kmsg") if args.xid_source == "both" else (args.xid_source,)
     return GpuCollector(
         nvml,
