@@ -36,7 +36,7 @@ def version() -> str:
 
 # Each collector module provides COLLECTOR_NAME, COLLECTOR_HELP, DEFAULT_ENABLED,
 # add_arguments(parser) for its own flag group, and create(args) -> Collector.
-COLLECTOR_MODULES = ("exporters.gpu",)
+COLLECTOR_MODULES = ("exporters.gpu", "exporters.rdma")
 
 
 def collector_modules() -> list[Any]:

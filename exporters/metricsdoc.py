@@ -15,10 +15,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporters import gpu, gpu_dcgm
+from exporters import gpu, gpu_dcgm, rdma
 from exporters.collector import SELF_SPECS, MetricSpec
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+
+
+
+def _own(specs: tuple[MetricSpec, ...]) -> tuple[MetricSpec, ...]:
+    """A collector's domain series (its gpufleet_exporter_* ones go to self-monitoring)."""
+    return tuple(s for s in specs if not s.name.startswith("gpufleet_"))
+
+
+def _self(specs: tuple[MetricSpec, ...]) -> tuple[MetricSpec, ...]:
+    return tuple(s for s in specs if s.name.startswith("gpufleet_"))
+
 
 SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
     (
@@ -27,7 +38,7 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
         "`* on(uuid) group_left(name, pci_bus_id) gpu_info`. A call the GPU does not support leaves its series "
         "out (never a fake zero); a GPU that is lost or needs a reset keeps only `gpu_up 0` and `gpu_info`. "
         "The Xid class comes from the catalogue in [xid-catalogue.md](xid-catalogue.md).",
-        tuple(s for s in gpu.NATIVE_SPECS if not s.name.startswith("gpufleet_")),
+        _own(gpu.NATIVE_SPECS),
     ),
     (
         "dcgm-exporter compatible series (`--gpu.dcgm-compat`)",
@@ -37,10 +48,19 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
         gpu_dcgm.SPECS,
     ),
     (
+        "RDMA collector (`--collector.rdma`, sysfs `class/infiniband`)",
+        "Per HCA (`device`) and port (`device`, `port`). Data counters are converted from the kernel's 4-byte "
+        "words to bytes; the 64-bit `counters_ext/` values are used where the kernel has them. `hw_counters/` "
+        "files without a named series appear in `rdma_port_hw_events_total{counter}`. A value of "
+        "`N/A (no PMA)` leaves the series out. Join RoCE ports with network metrics on `rdma_port_info`'s "
+        "`netdev`.",
+        _own(rdma.SPECS),
+    ),
+    (
         "Exporter self-monitoring",
         "Every collector reports success, duration and last success; a failing collector never breaks the "
         "scrape (DESIGN.md, 'Failure is data').",
-        SELF_SPECS + tuple(s for s in gpu.NATIVE_SPECS if s.name.startswith("gpufleet_")),
+        SELF_SPECS + _self(gpu.NATIVE_SPECS) + _self(rdma.SPECS),
     ),
 ]
 

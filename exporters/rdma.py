@@ -1,0 +1,494 @@
+"""The RDMA collector: InfiniBand, RoCE, Omni-Path and iWARP ports from sysfs.
+
+Reads ``<--path.sysfs>/class/infiniband/<device>/`` as the kernel lays it out
+(``drivers/infiniband/core/sysfs.c``): device identity (``fw_ver``, ``board_id``,
+``hca_type``, ``node_guid``), per-port ``state``, ``phys_state``, ``rate`` and
+``link_layer``, the PMA counters in ``counters/`` (and ``counters_ext/`` with
+the 64-bit data and packet counters on older kernels), and the vendor's
+``hw_counters/`` where the RoCE congestion story lives (CNPs, ECN marks,
+retransmissions, sequence errors).
+
+Failure rules: sysfs on real machines is untidy. A port without a performance
+management agent reads ``N/A (no PMA)``; some drivers fail a read with EINVAL,
+EPERM or EIO; Omni-Path and iWARP devices lack files that Mellanox HCAs have.
+A file that cannot be read or parsed drops only its own series, is logged once
+per (file, error) and is counted in ``gpufleet_exporter_rdma_read_errors_total``;
+``N/A`` values and files a device simply does not have are not errors. Nothing
+here raises out of ``collect`` for a single bad device.
+
+Link flaps: ``rdma_port_state_changes_total`` counts how often the collector
+saw a port's state id change between two collections. A flap that goes down
+and up again between two samples is invisible to it; the hardware's own
+``rdma_port_link_downed_total`` catches those (it is 8 bits wide and saturates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterable
+from fractions import Fraction
+from typing import Any
+
+from exporters.collector import Collector, CollectorError, MetricSpec, SampleBuilder
+
+log = logging.getLogger("gpufleet.collector.rdma")
+
+COLLECTOR_NAME = "rdma"
+COLLECTOR_HELP = "InfiniBand/RoCE HCA port state, rate and counters from sysfs"
+DEFAULT_ENABLED = True
+
+DEV = ("device",)
+PORT = ("device", "port")
+
+# counters/ file -> (metric, scale). Data counters count 4-byte words.
+PMA_COUNTERS: dict[str, tuple[str, int]] = {
+    "port_xmit_data": ("rdma_port_transmit_bytes_total", 4),
+    "port_rcv_data": ("rdma_port_receive_bytes_total", 4),
+    "port_xmit_packets": ("rdma_port_transmit_packets_total", 1),
+    "port_rcv_packets": ("rdma_port_receive_packets_total", 1),
+    "unicast_xmit_packets": ("rdma_port_transmit_unicast_packets_total", 1),
+    "unicast_rcv_packets": ("rdma_port_receive_unicast_packets_total", 1),
+    "multicast_xmit_packets": ("rdma_port_transmit_multicast_packets_total", 1),
+    "multicast_rcv_packets": ("rdma_port_receive_multicast_packets_total", 1),
+    "symbol_error": ("rdma_port_symbol_errors_total", 1),
+    "link_error_recovery": ("rdma_port_link_error_recoveries_total", 1),
+    "link_downed": ("rdma_port_link_downed_total", 1),
+    "port_rcv_errors": ("rdma_port_receive_errors_total", 1),
+    "port_rcv_remote_physical_errors": ("rdma_port_receive_remote_physical_errors_total", 1),
+    "port_rcv_switch_relay_errors": ("rdma_port_receive_switch_relay_errors_total", 1),
+    "port_xmit_discards": ("rdma_port_transmit_discards_total", 1),
+    "port_xmit_constraint_errors": ("rdma_port_transmit_constraint_errors_total", 1),
+    "port_rcv_constraint_errors": ("rdma_port_receive_constraint_errors_total", 1),
+    "local_link_integrity_errors": ("rdma_port_local_link_integrity_errors_total", 1),
+    "excessive_buffer_overrun_errors": ("rdma_port_excessive_buffer_overrun_errors_total", 1),
+    "VL15_dropped": ("rdma_port_vl15_dropped_packets_total", 1),
+    "port_xmit_wait": ("rdma_port_transmit_wait_ticks_total", 1),
+}
+# counters_ext/ (kernels before 4.x kept the 64-bit PMA counters apart) -> counters/ name it supersedes.
+PMA_EXT_COUNTERS: dict[str, str] = {
+    "port_xmit_data_64": "port_xmit_data",
+    "port_rcv_data_64": "port_rcv_data",
+    "port_xmit_packets_64": "port_xmit_packets",
+    "port_rcv_packets_64": "port_rcv_packets",
+    "port_unicast_xmit_packets": "unicast_xmit_packets",
+    "port_unicast_rcv_packets": "unicast_rcv_packets",
+    "port_multicast_xmit_packets": "multicast_xmit_packets",
+    "port_multicast_rcv_packets": "multicast_rcv_packets",
+}
+PMA_HELP: dict[str, str] = {
+    "rdma_port_transmit_bytes_total": "Bytes transmitted on the port, all VLs (PMA port_xmit_data, 4-byte words x 4).",
+    "rdma_port_receive_bytes_total": "Bytes received on the port, all VLs (PMA port_rcv_data, 4-byte words x 4).",
+    "rdma_port_transmit_packets_total": "Packets transmitted on the port (PMA port_xmit_packets).",
+    "rdma_port_receive_packets_total": "Packets received on the port (PMA port_rcv_packets).",
+    "rdma_port_transmit_unicast_packets_total": "Unicast packets transmitted (PMA unicast_xmit_packets).",
+    "rdma_port_receive_unicast_packets_total": "Unicast packets received (PMA unicast_rcv_packets).",
+    "rdma_port_transmit_multicast_packets_total": "Multicast packets transmitted (PMA multicast_xmit_packets).",
+    "rdma_port_receive_multicast_packets_total": "Multicast packets received (PMA multicast_rcv_packets).",
+    "rdma_port_symbol_errors_total": "Minor link errors detected on one or more physical lanes (PMA symbol_error; "
+                                     "16 bits, saturates).",
+    "rdma_port_link_error_recoveries_total": "Successful link error recoveries by the port training state machine "
+                                             "(PMA link_error_recovery; 8 bits, saturates).",
+    "rdma_port_link_downed_total": "Times the link error recovery failed and the link went down "
+                                   "(PMA link_downed; 8 bits, saturates).",
+    "rdma_port_receive_errors_total": "Received packets with errors: malformed, bad CRC, buffer overrun "
+                                      "(PMA port_rcv_errors; 16 bits, saturates).",
+    "rdma_port_receive_remote_physical_errors_total": "Received packets marked with the EBP delimiter: a physical "
+                                                      "error further upstream (PMA port_rcv_remote_physical_errors).",
+    "rdma_port_receive_switch_relay_errors_total": "Received packets discarded because they could not be forwarded "
+                                                   "by the switch relay (PMA port_rcv_switch_relay_errors).",
+    "rdma_port_transmit_discards_total": "Outbound packets discarded because the port was down or congested "
+                                         "(PMA port_xmit_discards; 16 bits, saturates).",
+    "rdma_port_transmit_constraint_errors_total": "Outbound packets dropped by partition or raw-packet constraint "
+                                                  "checks (PMA port_xmit_constraint_errors).",
+    "rdma_port_receive_constraint_errors_total": "Inbound packets dropped by partition or raw-packet constraint "
+                                                 "checks (PMA port_rcv_constraint_errors).",
+    "rdma_port_local_link_integrity_errors_total": "Times local physical errors exceeded the LocalPhyErrors "
+                                                   "threshold (PMA local_link_integrity_errors; 4 bits).",
+    "rdma_port_excessive_buffer_overrun_errors_total": "Times consecutive flow-control update periods had buffer "
+                                                       "overruns (PMA excessive_buffer_overrun_errors; 4 bits).",
+    "rdma_port_vl15_dropped_packets_total": "Subnet management (VL15) packets dropped for lack of buffers "
+                                            "(PMA VL15_dropped).",
+    "rdma_port_transmit_wait_ticks_total": "Ticks (sampling clock, hardware-defined) during which the port had data "
+                                           "to send but no flow-control credits: a congestion signal "
+                                           "(PMA port_xmit_wait).",
+}
+
+# hw_counters/ file -> named metric. Every other numeric file goes to rdma_port_hw_events_total.
+HW_COUNTERS: dict[str, tuple[str, str]] = {
+    "np_cnp_sent": ("rdma_port_cnp_sent_total",
+                    "RoCE congestion notification packets sent by this port as notification point, on ECN-marked "
+                    "traffic it received (hw_counters/np_cnp_sent)."),
+    "rp_cnp_handled": ("rdma_port_cnp_handled_total",
+                       "RoCE congestion notification packets handled by this port as reaction point, i.e. times "
+                       "it slowed its sending (hw_counters/rp_cnp_handled)."),
+    "np_ecn_marked_roce_packets": ("rdma_port_ecn_marked_packets_total",
+                                   "RoCE packets received with an ECN congestion mark "
+                                   "(hw_counters/np_ecn_marked_roce_packets)."),
+    "out_of_sequence": ("rdma_port_out_of_sequence_packets_total",
+                        "Packets received out of sequence: packet loss in a lossless fabric "
+                        "(hw_counters/out_of_sequence)."),
+    "packet_seq_err": ("rdma_port_packet_sequence_errors_total",
+                       "Packet sequence error NAKs received (hw_counters/packet_seq_err)."),
+    "local_ack_timeout_err": ("rdma_port_local_ack_timeouts_total",
+                              "Times the ack timer of a sender queue pair expired (hw_counters/local_ack_timeout_err)."),
+    "rnr_nak_retry_err": ("rdma_port_rnr_nak_retry_errors_total",
+                          "Receiver-not-ready NAKs received after the retry limit was exceeded "
+                          "(hw_counters/rnr_nak_retry_err)."),
+    "roce_adp_retrans": ("rdma_port_retransmissions_total",
+                         "RoCE adaptive retransmissions (hw_counters/roce_adp_retrans)."),
+    "out_of_buffer": ("rdma_port_out_of_buffer_drops_total",
+                      "Packets dropped because no receive buffer (WQE) was posted (hw_counters/out_of_buffer)."),
+}
+# Files in hw_counters/ that are settings, not counters.
+HW_NOT_COUNTERS = frozenset({"lifespan"})
+
+INFO_FILES = ("board_id", "fw_ver", "hca_type", "node_guid")
+
+SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec("rdma_device_info", "gauge",
+               "HCA identity from sysfs, value 1; a file the device lacks gives an empty label.",
+               DEV + INFO_FILES),
+    MetricSpec("rdma_port_info", "gauge",
+               "Port facts, value 1. link_layer: InfiniBand or Ethernet (RoCE, iWARP); netdev: the network "
+               "interface of the port (gid_attrs/ndevs, else the device's net/ directory), empty if none; "
+               "join with network metrics on it.",
+               PORT + ("link_layer", "netdev")),
+    MetricSpec("rdma_port_state", "gauge",
+               "Logical port state id: 1 DOWN, 2 INIT, 3 ARMED, 4 ACTIVE, 5 ACTIVE_DEFER.", PORT),
+    MetricSpec("rdma_port_physical_state", "gauge",
+               "Physical port state id: 1 Sleep, 2 Polling, 3 Disabled, 4 PortConfigurationTraining, 5 LinkUp, "
+               "6 LinkErrorRecovery, 7 Phy Test.", PORT),
+    MetricSpec("rdma_port_state_info", "gauge",
+               "Port state names as the kernel writes them (e.g. ACTIVE, LinkUp), value 1.",
+               PORT + ("state", "physical_state")),
+    MetricSpec("rdma_port_rate_bytes_per_second", "gauge",
+               "Negotiated signalling rate of the port (sysfs rate, Gb/s x 1e9 / 8).", PORT),
+    MetricSpec("rdma_port_state_changes_total", "counter",
+               "Changes of the logical port state id seen between two collections (link flaps); a flap "
+               "faster than the collection interval is only in rdma_port_link_downed_total.", PORT),
+    *(MetricSpec(name, "counter", PMA_HELP[name], PORT) for name, _ in PMA_COUNTERS.values()),
+    *(MetricSpec(name, "counter", help_, PORT) for name, help_ in HW_COUNTERS.values()),
+    MetricSpec("rdma_port_hw_events_total", "counter",
+               "Every other numeric file of the port's vendor hw_counters/ directory, by file name (counter), "
+               "so new NIC firmware needs no exporter release.", PORT + ("counter",)),
+    MetricSpec("gpufleet_exporter_rdma_read_errors_total", "counter",
+               "sysfs files under class/infiniband that the rdma collector could not read (EINVAL, EPERM, EIO, "
+               "a directory) or parse, since start; their series are left out. N/A (no PMA) values and files "
+               "a device does not have are not errors.", DEV),
+)
+
+_STATE_RE = re.compile(r"\s*(\d+)\s*:\s*(.*?)\s*", re.ASCII | re.DOTALL)
+_RATE_RE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,12})?)\s*Gb/sec\b.*", re.ASCII | re.DOTALL)
+_NA = "N/A"
+
+
+def parse_rate(text: Any) -> float | None:
+    """``"200 Gb/sec (4X HDR)"`` -> bytes per second, None for anything else (never raises)."""
+    if not isinstance(text, str):
+        return None
+    m = _RATE_RE.fullmatch(text)
+    if m is None:
+        return None
+    # Fraction keeps "53.125 Gb/sec" exact: 6640625000.0, not 6640624999.999999.
+    return float(Fraction(m.group(1)) * 1_000_000_000 / 8)
+
+
+def parse_state(text: str) -> tuple[int, str] | None:
+    """``"4: ACTIVE"`` -> (4, "ACTIVE")."""
+    m = _STATE_RE.fullmatch(text)
+    if m is None:
+        return None
+    return int(m.group(1)), m.group(2)
+
+
+def _read_file(path: str) -> str:
+    """One sysfs read: a single read() of up to a page, as sysfs serves it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def _compile(pattern: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
+    if pattern is None or pattern == "":
+        return None
+    return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+
+
+def _listdir(path: str) -> list[str] | None:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return None
+
+
+class RdmaCollector(Collector):
+    name = "rdma"
+    specs = SPECS
+
+    def __init__(
+        self,
+        sysfs: str = "/sys",
+        *,
+        device_include: str | re.Pattern[str] | None = None,
+        device_exclude: str | re.Pattern[str] | None = None,
+        logger: logging.Logger | None = None,
+    ):
+        self.root = os.path.join(sysfs, "class", "infiniband")
+        self.include = _compile(device_include)
+        self.exclude = _compile(device_exclude)
+        self.log = logger or log
+        self._logged: set[tuple] = set()
+        self._read_errors: dict[str, int] = {}
+        self._last_state: dict[tuple[str, str], int] = {}
+        self._state_changes: dict[tuple[str, str], int] = {}
+        self._devices_seen = 0
+
+    def status(self) -> str:
+        return f"{self._devices_seen} RDMA devices under {self.root}"
+
+    # -- reading ---------------------------------------------------------------------
+    def _once(self, key: tuple, level: int, msg: str, **fields: Any) -> None:
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        self.log.log(level, msg, extra={"collector": self.name, **fields})
+
+    def _error(self, device: str, path: str, why: str) -> None:
+        self._read_errors[device] = self._read_errors.get(device, 0) + 1
+        self._once((path, why), logging.WARNING, "cannot read sysfs file, series left out", device=device,
+                   path=path, error=why)
+
+    def _read(self, device: str, path: str, missing_ok: bool = True) -> str | None:
+        """The stripped text of a file; None (and counted, unless merely missing) when unreadable."""
+        try:
+            return _read_file(path).strip()
+        except FileNotFoundError:
+            if not missing_ok:
+                self._error(device, path, "ENOENT")
+            return None
+        except OSError as exc:
+            self._error(device, path, _errname(exc))
+            return None
+
+    def _read_int(self, device: str, path: str) -> int | None:
+        """A counter file: an integer, None for N/A or when unreadable (counted)."""
+        text = self._read(device, path, missing_ok=False)
+        if text is None:
+            return None
+        if text.isdigit() and text.isascii():
+            return int(text)
+        if text.startswith(_NA):
+            self._once((path, "N/A"), logging.DEBUG, "counter not available, series left out", device=device,
+                       path=path, value=text)
+            return None
+        self._error(device, path, "unparseable")
+        return None
+
+    # -- collection ------------------------------------------------------------------
+    def _wanted(self, device: str) -> bool:
+        if self.include is not None and not self.include.fullmatch(device):
+            return False
+        return not (self.exclude is not None and self.exclude.fullmatch(device))
+
+    def collect(self) -> list:
+        b = self.builder()
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            # No RDMA stack loaded (or no HCA): nothing to report, which is not a failure.
+            self._once((self.root, "ENOENT"), logging.INFO, "no RDMA devices (directory missing)", path=self.root)
+            names = []
+        except OSError as exc:
+            raise CollectorError(f"cannot list {self.root}: {_errname(exc)}") from None
+        devices = sorted(d for d in names if self._wanted(d))
+        self._devices_seen = len(devices)
+        for device in devices:
+            self._read_errors.setdefault(device, 0)
+            self._collect_device(b, device)
+        present = set(devices)
+        for (device, port), n in sorted(self._state_changes.items()):
+            if device in present:
+                b.add("rdma_port_state_changes_total", (device, port), n)
+        for device in devices:
+            b.add("gpufleet_exporter_rdma_read_errors_total", (device,), self._read_errors[device])
+        return b.families()
+
+    def _collect_device(self, b: SampleBuilder, device: str) -> None:
+        ddir = os.path.join(self.root, device)
+        info = [self._read(device, os.path.join(ddir, f)) or "" for f in INFO_FILES]
+        b.add("rdma_device_info", (device, *info), 1)
+        pdir = os.path.join(ddir, "ports")
+        try:
+            ports = _listdir(pdir)
+        except OSError as exc:
+            self._error(device, pdir, _errname(exc))
+            return
+        if not ports:
+            return
+        net_ports: dict[str, str] | None = None
+        for port in sorted((p for p in ports if p.isdigit()), key=int):
+            pp = os.path.join(pdir, port)
+            link_layer = self._read(device, os.path.join(pp, "link_layer")) or ""
+            # IB GIDs have no netdev behind them (reads fail with EINVAL): skip straight to net/.
+            netdev = self._gid_netdev(pp) if link_layer != "InfiniBand" else None
+            if netdev is None:
+                if net_ports is None:
+                    net_ports = self._device_netdevs(ddir)
+                netdev = net_ports.get(port, "")
+            b.add("rdma_port_info", (device, port, link_layer, netdev), 1)
+            self._collect_port(b, device, port, pp)
+
+    def _collect_port(self, b: SampleBuilder, device: str, port: str, pp: str) -> None:
+        labels = (device, port)
+
+        state = self._state(device, os.path.join(pp, "state"))
+        phys = self._state(device, os.path.join(pp, "phys_state"))
+        if state is not None:
+            b.add("rdma_port_state", labels, state[0])
+            prev = self._last_state.get(labels)
+            if prev is not None and prev != state[0]:
+                self._state_changes[labels] = self._state_changes.get(labels, 0) + 1
+            else:
+                self._state_changes.setdefault(labels, 0)
+            self._last_state[labels] = state[0]
+        if phys is not None:
+            b.add("rdma_port_physical_state", labels, phys[0])
+        if state is not None or phys is not None:
+            b.add("rdma_port_state_info", (device, port, state[1] if state else "", phys[1] if phys else ""), 1)
+
+        rate_path = os.path.join(pp, "rate")
+        rate_text = self._read(device, rate_path)
+        if rate_text is not None:
+            rate = parse_rate(rate_text)
+            if rate is None:
+                self._error(device, rate_path, "unparseable")
+            else:
+                b.add("rdma_port_rate_bytes_per_second", labels, rate)
+
+        self._pma_counters(b, device, labels, pp)
+        self._hw_counters(b, device, labels, pp)
+
+    def _state(self, device: str, path: str) -> tuple[int, str] | None:
+        text = self._read(device, path)
+        if text is None:
+            return None
+        parsed = parse_state(text)
+        if parsed is None:
+            self._error(device, path, "unparseable")
+        return parsed
+
+    def _pma_counters(self, b: SampleBuilder, device: str, labels: tuple[str, str], pp: str) -> None:
+        values: dict[str, int] = {}
+        cdir = os.path.join(pp, "counters")
+        for f in self._names(device, cdir):
+            if f in PMA_COUNTERS:
+                v = self._read_int(device, os.path.join(cdir, f))
+                if v is not None:
+                    values[f] = v
+        edir = os.path.join(pp, "counters_ext")
+        for f in self._names(device, edir):
+            base = PMA_EXT_COUNTERS.get(f)
+            if base is not None:
+                v = self._read_int(device, os.path.join(edir, f))
+                if v is not None:  # the 64-bit value wins over the saturating 32-bit one
+                    values[base] = v
+        for f, v in values.items():
+            metric, scale = PMA_COUNTERS[f]
+            b.add(metric, labels, v * scale)
+
+    def _hw_counters(self, b: SampleBuilder, device: str, labels: tuple[str, str], pp: str) -> None:
+        hdir = os.path.join(pp, "hw_counters")
+        for f in sorted(self._names(device, hdir)):
+            if f in HW_NOT_COUNTERS:
+                continue
+            v = self._read_int(device, os.path.join(hdir, f))
+            if v is None:
+                continue
+            named = HW_COUNTERS.get(f)
+            if named is not None:
+                b.add(named[0], labels, v)
+            else:
+                b.add("rdma_port_hw_events_total", (*labels, f), v)
+
+    def _names(self, device: str, path: str) -> Iterable[str]:
+        try:
+            return _listdir(path) or ()
+        except OSError as exc:
+            self._error(device, path, _errname(exc))
+            return ()
+
+    # -- netdev ----------------------------------------------------------------------
+    def _gid_netdev(self, pp: str) -> str | None:
+        """The netdev of the port's first populated GID entry (RoCE); None if there is none.
+
+        Empty GID entries fail with EINVAL, and IB ports have no netdev behind
+        their GIDs, so failures here are expected and neither logged nor counted.
+        Only the first entries are tried: the default GIDs (0 and 1) carry the
+        netdev whenever there is one, and a port has up to 256 entries.
+        """
+        ndir = os.path.join(pp, "gid_attrs", "ndevs")
+        for entry in range(8):
+            try:
+                name = _read_file(os.path.join(ndir, str(entry))).strip()
+            except FileNotFoundError:
+                return None  # no gid_attrs (old kernel, OPA) or past the table's end
+            except OSError:
+                continue
+            if name:
+                return name
+        return None
+
+    def _device_netdevs(self, ddir: str) -> dict[str, str]:
+        """Port -> netdev from ``<device>/device/net/*`` (IPoIB, or RoCE on older kernels).
+
+        Each interface's ``dev_port`` (0-based) names its port; an interface
+        without one belongs to port 1. Best effort, like ``_gid_netdev``.
+        """
+        ndir = os.path.join(ddir, "device", "net")
+        try:
+            names = sorted(os.listdir(ndir))
+        except OSError:
+            return {}
+        out: dict[str, str] = {}
+        for name in names:
+            try:
+                port = str(int(_read_file(os.path.join(ndir, name, "dev_port")).strip()) + 1)
+            except (OSError, ValueError):
+                port = "1"
+            out.setdefault(port, name)
+        return out
+
+
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {exc}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rdma collector (--collector.rdma)")
+    g.add_argument("--collector.rdma.device-include", dest="rdma_device_include", type=_regex, default=None,
+                   metavar="REGEX",
+                   help="Only report RDMA devices whose name fully matches (e.g. 'mlx5_[0-7]').")
+    g.add_argument("--collector.rdma.device-exclude", dest="rdma_device_exclude", type=_regex, default=None,
+                   metavar="REGEX",
+                   help="Do not report RDMA devices whose name fully matches (applied after the include).")
+
+
+def create(args: argparse.Namespace) -> RdmaCollector:
+    return RdmaCollector(
+        sysfs=args.sysfs,
+        device_include=getattr(args, "rdma_device_include", None),
+        device_exclude=getattr(args, "rdma_device_exclude", None),
+    )
