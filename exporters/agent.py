@@ -36,7 +36,13 @@ def version() -> str:
 
 # Each collector module provides COLLECTOR_NAME, COLLECTOR_HELP, DEFAULT_ENABLED,
 # add_arguments(parser) for its own flag group, and create(args) -> Collector.
-COLLECTOR_MODULES = ("exporters.gpu", "exporters.rdma")
+COLLECTOR_MODULES = (
+    "exporters.gpu",
+    "exporters.rdma",
+    "exporters.storage",
+    "exporters.jobs",
+    "exporters.progress_collector",
+)
 
 
 def collector_modules() -> list[Any]:
@@ -47,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpufleet-exporter",
         description=(
-            "Node agent of gpufleet: publishes per-GPU metrics from NVML (and, as later collectors land, "
-            "InfiniBand, storage and job metrics) for Prometheus. Collectors sample in the background every "
+            "Node agent of gpufleet: publishes per-GPU metrics from NVML, InfiniBand/RoCE port metrics, "
+            "filesystem, NFS, Lustre and disk metrics, which job holds each GPU, and training progress, for "
+            "Prometheus. Collectors sample in the background every "
             "--collector.interval; a scrape serves the latest snapshot, so scrapes stay fast even when NVML "
             "or a filesystem hangs. Each collector reports gpufleet_exporter_collector_success."
         ),
@@ -78,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--path.sysfs", dest="sysfs", default="/sys", help="sysfs mount point.")
     paths.add_argument("--path.procfs", dest="procfs", default="/proc", help="procfs mount point.")
     paths.add_argument("--path.rootfs", dest="rootfs", default="/",
-                       help="Host root filesystem (the kernel log is read from <rootfs>/dev/kmsg).")
+                       help="Host root filesystem, as mounted in a container: filesystems are measured under it and the "
+                            "kernel log is read from <rootfs>/dev/kmsg.")
     for module in collector_modules():
         module.add_arguments(p)
     logs = p.add_argument_group("logging")

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporters import gpu, gpu_dcgm, rdma
+from exporters import gpu, gpu_dcgm, jobs, progress_collector, rdma, storage
 from exporters.collector import SELF_SPECS, MetricSpec
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
@@ -57,10 +57,38 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
         _own(rdma.SPECS),
     ),
     (
+        "Storage collector (`--collector.storage`)",
+        "Filesystems from mountinfo (`device`, `mountpoint`, `fstype`), measured with statvfs in a bounded "
+        "worker pool with a per-mount timeout: a hung mount reports `filesystem_stuck 1` and is not probed "
+        "again until its earlier probe returns. NFS client statistics from mountstats (`export`, `mountpoint`, "
+        "`nfs_version`, `protocol`; v3 and v4 on one path stay separate), Lustre llite stats (`filesystem`), "
+        "block devices from diskstats (`device`) and NVMe controllers from sysfs.",
+        _own(storage.SPECS),
+    ),
+    (
+        "Jobs collector (`--collector.jobs`): which job holds each GPU",
+        "From the compute processes NVML reports, their cgroup (Slurm v1/v2, Kubernetes pods) or "
+        "`SLURM_JOB_ID`, and the per-GPU mapping files the Slurm prolog writes (scripts/slurm/), so allocated "
+        "GPUs running nothing are attributed too. A join series, not a label on every GPU series: "
+        "`gpu_utilization_ratio * on(uuid) group_left(job_id) gpu_job_info`. Pods appear as `job_id=\"pod:<uid>\"`.",
+        _own(jobs.SPECS),
+    ),
+    (
+        "Progress collector (`--collector.progress`): training progress",
+        "Written by training scripts through `exporters.progress.ProgressReporter` into a spool directory per "
+        "job and rank; files of ended or stale jobs are dropped.",
+        _own(progress_collector.SPECS),
+    ),
+    (
         "Exporter self-monitoring",
         "Every collector reports success, duration and last success; a failing collector never breaks the "
         "scrape (DESIGN.md, 'Failure is data').",
-        SELF_SPECS + _self(gpu.NATIVE_SPECS) + _self(rdma.SPECS),
+        SELF_SPECS
+        + _self(gpu.NATIVE_SPECS)
+        + _self(rdma.SPECS)
+        + _self(storage.SPECS)
+        + _self(jobs.SPECS)
+        + _self(progress_collector.SPECS),
     ),
 ]
 

@@ -163,7 +163,7 @@ def test_real_nvml_backend_without_driver_still_serves_and_explains():
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
-    failures = [line for line in err.splitlines() if 'msg="collector failed"' in line]
+    failures = [line for line in err.splitlines() if 'msg="collector failed" collector=gpu ' in line]
     assert len(failures) == 1, err
     assert "libnvidia-ml.so.1 not found" in failures[0]
 

@@ -1,0 +1,170 @@
+"""statfs(2) with a deadline, on a fixed pool of threads that hung mounts cannot multiply.
+
+A statfs on a mount whose server is gone (NFS ``hard``, Lustre, a dead FUSE
+daemon) blocks in the kernel, often uninterruptibly, until the server answers.
+Python cannot cancel it. So each probe runs on one of a fixed number of daemon
+worker threads and the caller waits only until its deadline:
+
+- a probe that runs past the timeout makes its mount *stuck*; the blocked
+  thread stays with that one probe (it occupies one worker, never more);
+- a mount whose earlier probe has not returned is not probed again, so a hung
+  mount never queues a second probe and threads never pile up;
+- when the blocked call finally returns, its worker takes the next probe and
+  the mount's next collection measures it afresh (recovery).
+
+If hung mounts hold every worker, the other mounts' probes wait in the queue
+(one per mount at most) and are reported as *waiting*: not measured, but not
+accused of hanging either (``blocked_workers`` tells the two situations apart).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+OK = "ok"
+ERROR = "error"
+STUCK = "stuck"
+WAITING = "waiting"
+
+
+class _Probe:
+    __slots__ = ("path", "done", "started", "result", "error", "cancelled")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.done = threading.Event()
+        self.started: float | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # ok | error | stuck | waiting
+    result: Any = None  # os.statvfs_result when ok
+    error: BaseException | None = None  # when error
+    blocked_for: float = 0.0  # seconds the probe has been running, when stuck
+
+
+class StatfsPool:
+    """A fixed set of daemon threads running statvfs with per-mount deadlines."""
+
+    def __init__(self, workers: int = 4, statvfs: Callable[[str], Any] = os.statvfs,
+                 clock: Callable[[], float] = time.monotonic, name: str = "storage-statfs"):
+        if workers < 1:
+            raise ValueError("statfs workers must be at least 1")
+        self.workers = workers
+        self._statvfs = statvfs
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Probe | None] = queue.SimpleQueue()
+        self._inflight: dict[str, _Probe] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.submitted = 0  # probes handed to the workers
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            probe = self._queue.get()
+            if probe is None:
+                return
+            if probe.cancelled:
+                probe.done.set()
+                continue
+            probe.started = self._clock()
+            try:
+                probe.result = self._statvfs(probe.path)
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller, never kills the worker
+                probe.error = exc
+            finally:
+                probe.done.set()
+
+    def threads(self) -> list[threading.Thread]:
+        """The worker threads still alive (a closed pool's blocked workers stay until their call returns)."""
+        return [t for t in self._threads if t.is_alive()]
+
+    def blocked(self, timeout: float) -> int:
+        """Probes running for longer than ``timeout`` (each holds one worker)."""
+        now = self._clock()
+        with self._lock:
+            return sum(1 for p in self._inflight.values()
+                       if not p.done.is_set() and p.started is not None and now - p.started >= timeout)
+
+    def probe(self, paths: Iterable[str], timeout: float) -> dict[str, Outcome]:
+        """statvfs every path, waiting at most ``timeout`` per probe once it runs.
+
+        The call returns after about ``timeout`` when some probe hangs, and at
+        most about twice that when a worker freed up late in the wait.
+        """
+        if self._closed:
+            raise RuntimeError("statfs pool is closed")
+        paths = list(dict.fromkeys(paths))
+        start = self._clock()
+        deadline = start + timeout
+        probes: dict[str, _Probe] = {}
+        with self._lock:
+            for path in paths:
+                earlier = self._inflight.get(path)
+                if earlier is not None and not earlier.done.is_set():
+                    probes[path] = earlier  # still blocked or queued: never probe a mount twice at once
+                    continue
+                p = _Probe(path)
+                self._inflight[path] = p
+                probes[path] = p
+                self._queue.put(p)
+                self.submitted += 1
+            # Forget finished probes of mounts that went away (blocked ones stay: they hold a worker).
+            for path in [k for k, p in self._inflight.items() if k not in probes and p.done.is_set()]:
+                del self._inflight[path]
+
+        out: dict[str, Outcome] = {}
+        for path, p in probes.items():
+            now = self._clock()
+            if p.started is not None and now - p.started >= timeout:
+                wait = 0.0  # blocked since an earlier collection: no need to wait again
+            elif p.started is not None:
+                wait = p.started + timeout - now
+            else:
+                wait = deadline - now
+            if wait > 0:
+                p.done.wait(wait)
+            if not p.done.is_set() and p.started is not None and p.started > deadline - timeout:
+                # It got a worker late in the wait: give it its full timeout (at most 2x in all).
+                p.done.wait(max(0.0, p.started + timeout - self._clock()))
+            out[path] = self._outcome(p)
+        return out
+
+    def _outcome(self, p: _Probe) -> Outcome:
+        if p.done.is_set():
+            if p.error is not None:
+                return Outcome(ERROR, error=p.error)
+            return Outcome(OK, result=p.result)
+        if p.started is None:
+            return Outcome(WAITING)
+        return Outcome(STUCK, blocked_for=self._clock() - p.started)
+
+    def close(self, join_timeout: float = 1.0) -> None:
+        """Stop the workers. Blocked ones cannot be stopped; they are daemons and end with their call."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for p in self._inflight.values():
+                if p.started is None:
+                    p.cancelled = True
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + join_timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
