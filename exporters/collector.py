@@ -19,9 +19,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 METRIC_TYPES = ("gauge", "counter")
 
@@ -53,29 +52,46 @@ class SampleBuilder:
 
     def __init__(self, specs: Mapping[str, MetricSpec]):
         self._specs = specs
-        self._samples: dict[str, list[tuple[tuple[str, ...], float]]] = {}
+        self._rows: dict[str, list[tuple[tuple[str, ...], float]]] = {}
 
-    def add(self, name: str, labels: Sequence[str], value: float) -> None:
+    def add(self, name: str, labels: Sequence[object], value: float) -> None:
         spec = self._specs[name]
         if len(labels) != len(spec.labels):
             raise ValueError(f"{name}: expected labels {spec.labels}, got {tuple(labels)}")
-        self._samples.setdefault(name, []).append((tuple(str(v) for v in labels), float(value)))
+        rows = self._rows.get(name)
+        if rows is None:
+            rows = self._rows[name] = []
+        rows.append((tuple(map(str, labels)), float(value)))
 
     def families(self) -> list[Metric]:
-        out: list[Metric] = []
-        for name, samples in self._samples.items():
-            spec = self._specs[name]
-            if spec.type == "counter" and name.endswith("_total"):
-                fam: Metric = CounterMetricFamily(name.removesuffix("_total"), spec.help, labels=spec.labels)
-            elif spec.type == "counter":
-                # dcgm-exporter spells some counters without _total; keep its names.
-                fam = _LegacyCounter(name, spec.help, spec.labels)
-            else:
-                fam = GaugeMetricFamily(name, spec.help, labels=spec.labels)
-            for labels, value in samples:
-                fam.add_metric(labels, value)
-            out.append(fam)
-        return out
+        return [BuiltFamily(self._specs[name], rows) for name, rows in self._rows.items()]
+
+
+class BuiltFamily(Metric):
+    """A metric family from a SampleBuilder: rows of (label values, float).
+
+    It is a prometheus_client ``Metric`` (``samples`` are produced on demand)
+    whose rows render() writes directly, skipping a Sample and a dict per
+    series: a node with NFS mounts and IB ports emits thousands of series
+    every interval. dcgm-exporter-style counters without ``_total`` keep their
+    name on the samples.
+    """
+
+    def __init__(self, spec: MetricSpec, rows: list[tuple[tuple[str, ...], float]]):
+        counter = spec.type == "counter"
+        suffixed = counter and spec.name.endswith("_total")
+        super().__init__(spec.name.removesuffix("_total") if suffixed else spec.name, spec.help, spec.type)
+        self.sample_name = spec.name
+        self.labelnames = spec.labels
+        self.rows = rows
+
+    @property  # type: ignore[override]
+    def samples(self) -> list[Sample]:
+        return [Sample(self.sample_name, dict(zip(self.labelnames, lv, strict=True)), v) for lv, v in self.rows]
+
+    @samples.setter
+    def samples(self, _value: list[Sample]) -> None:
+        """Metric.__init__ assigns an empty list; the rows are the samples."""
 
 
 class Collector(ABC):
@@ -109,21 +125,24 @@ class CollectorError(Exception):
     """A collector failed in a way it already explains in its message."""
 
 
-class _LegacyCounter(Metric):
-    """A counter whose samples carry the family name itself (no _total)."""
-
-    def __init__(self, name: str, documentation: str, labels: Sequence[str]):
-        super().__init__(name, documentation, "counter")
-        self._labelnames = tuple(labels)
-
-    def add_metric(self, labels: Sequence[str], value: float) -> None:
-        self.samples.append(Sample(self.name, dict(zip(self._labelnames, labels, strict=True)), value))
-
-
 def _escape_label(v: str) -> str:
     if "\\" in v or "\n" in v or '"' in v:
         return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
     return v
+
+
+def _format_value(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if v in (math.inf, -math.inf):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+# sample name -> label values -> "name{labels} ": the label part of a series is
+# the same every interval, so it is escaped and formatted once.
+_SERIES: dict[str, dict[tuple[str, ...], str]] = {}
+_SERIES_PER_FAMILY = 50_000
 
 
 def render(families: Iterable[Metric]) -> bytes:
@@ -135,18 +154,33 @@ def render(families: Iterable[Metric]) -> bytes:
     """
     out: list[str] = []
     for fam in families:
-        name = fam.name
-        if fam.type == "counter" and fam.samples and fam.samples[0].name != name:
-            name += "_total"
+        built = isinstance(fam, BuiltFamily)
+        sample_name = fam.sample_name if built else (fam.samples[0].name if fam.samples else fam.name)
+        name = fam.name + "_total" if fam.type == "counter" and sample_name != fam.name else fam.name
         mtype = fam.type if fam.type in ("counter", "gauge", "histogram", "summary") else "untyped"
         doc = fam.documentation.replace("\\", "\\\\").replace("\n", "\\n")
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n")
-        for s in fam.samples:
-            if s.labels:
+        if not built:
+            for s in fam.samples:
                 lab = ",".join(f'{k}="{_escape_label(v)}"' for k, v in s.labels.items())
-                out.append(f"{s.name}{{{lab}}} {floatToGoString(s.value)}\n")
-            else:
-                out.append(f"{s.name} {floatToGoString(s.value)}\n")
+                out.append(f"{s.name}{{{lab}}} {_format_value(float(s.value))}\n" if lab
+                           else f"{s.name} {_format_value(float(s.value))}\n")
+            continue
+        labelnames = fam.labelnames
+        cache = _SERIES.get(sample_name)
+        if cache is None or len(cache) > _SERIES_PER_FAMILY:
+            # Series come and go (jobs, mounts): a bounded cache per family, rebuilt when it fills.
+            cache = _SERIES[sample_name] = {}
+        for values, v in fam.rows:
+            head = cache.get(values)
+            if head is None:
+                if values:
+                    lab = ",".join(f'{k}="{_escape_label(lv)}"' for k, lv in zip(labelnames, values, strict=True))
+                    head = f"{sample_name}{{{lab}}} "
+                else:
+                    head = sample_name + " "
+                cache[values] = head
+            out.append(f"{head}{_format_value(v)}\n")
     return "".join(out).encode()
 
 
@@ -157,6 +191,10 @@ def _check_families(result: object) -> list[Metric]:
     for fam in result:
         if not isinstance(fam, Metric):
             raise CollectorError(f"returned {type(fam).__name__} among its metric families")
+        if isinstance(fam, BuiltFamily):
+            if fam.type == "counter" and any(math.isinf(v) for _, v in fam.rows):
+                raise CollectorError(f"{fam.sample_name}: infinite counter")
+            continue  # values were made floats when added
         for sample in fam.samples:
             if not isinstance(sample.value, int | float) or isinstance(sample.value, bool):
                 raise CollectorError(f"{sample.name}: value {sample.value!r} is not a number")

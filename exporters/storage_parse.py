@@ -153,7 +153,7 @@ def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
         key, _, rest = line.partition(b":")
         try:
             if in_ops:
-                values = tuple(int(v) for v in rest.split())
+                values = tuple(map(int, rest.split()))
                 if len(values) not in (8, 9) or not key or b" " in key:
                     raise ValueError(f"expected 8 or 9 values, got {len(values)}")
                 cur.ops[key.decode("ascii")] = values
@@ -165,7 +165,7 @@ def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
                     elif name == "proto":
                         opts_proto = val
             elif key == b"bytes":
-                values = tuple(int(v) for v in rest.split())
+                values = tuple(map(int, rest.split()))
                 if len(values) < 6:
                     raise ValueError(f"expected at least 6 values, got {len(values)}")
                 cur.bytes = values
