@@ -36,6 +36,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/exporter.py
+	$(BIN)/python bench/collectors.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .tmp
