@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporters import gpu, gpu_dcgm, jobs, progress_collector, rdma, storage
+from exporters import gpu, gpu_dcgm, jobs, progress_collector, rdma, slurm, storage
 from exporters.collector import SELF_SPECS, MetricSpec
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
@@ -78,6 +78,19 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
         "Written by training scripts through `exporters.progress.ProgressReporter` into a spool directory per "
         "job and rank; files of ended or stale jobs are dropped.",
         _own(progress_collector.SPECS),
+    ),
+    (
+        "Slurm cluster exporter (`gpufleet-slurm-exporter`, one per cluster)",
+        "From `sinfo --json`/`squeue --json` (formatted output where `--json` is missing) or slurmrestd. Node "
+        "states are normalised (idle, allocated, mixed, drained, draining, down, fail, maint, reserved, "
+        "unknown) with `not_responding` separate. Only running jobs get per-job series (`slurm_job_info`, "
+        "`slurm_job_node_info`), so cardinality follows the running job count, never history.",
+        slurm.SNAPSHOT_SPECS,
+    ),
+    (
+        "Slurm exporter self-monitoring",
+        "The exporter serves the last good snapshot when a poll fails; these say how old it is and why.",
+        slurm.SELF_SPECS,
     ),
     (
         "Exporter self-monitoring",

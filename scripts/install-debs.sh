@@ -4,7 +4,7 @@
 # and how to install it, and exits 0 so the rest of the setup can go on.
 set -euo pipefail
 
-PACKAGES=(python3-venv prometheus prometheus-alertmanager prometheus-node-exporter slurm-wlm munge)
+PACKAGES=(python3-venv prometheus prometheus-alertmanager prometheus-node-exporter slurm-wlm munge slurmrestd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -13,6 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.collector import render
+from tests.slurm_fixture import slurm_cluster_fixture, slurm_fixture  # noqa: F401 - one Slurm per session
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
