@@ -134,6 +134,8 @@ class LocalSlurm:
         cluster_name: str = "gpufleet-local",
         bin_dir: str | None = None,
         start_timeout: float = 30.0,
+        prolog: str | os.PathLike[str] | None = None,
+        epilog: str | os.PathLike[str] | None = None,
     ):
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
@@ -142,6 +144,10 @@ class LocalSlurm:
         self.base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir()) / "gpufleet-slurm-unstarted"
         self.node_names = [f"{node_prefix}{i}" for i in range(1, nodes + 1)]
         self.gpus_per_node = gpus_per_node
+        # Site prolog/epilog (e.g. scripts/slurm/*.sh). Every node of a real cluster has its
+        # own /run; here each node gets node_dir(name)/{jobs,progress} through a wrapper.
+        self.prolog = Path(prolog).resolve() if prolog else None
+        self.epilog = Path(epilog).resolve() if epilog else None
         self.gpu_type = gpu_type
         self.cpus_per_node = cpus_per_node
         self.memory_mb = memory_mb
@@ -245,6 +251,10 @@ class LocalSlurm:
             "MailProg=/bin/true",
             f"PlugStackConfig={self.conf_path.parent / 'plugstack.conf'}",
         ]
+        if self.prolog:
+            lines += [f"Prolog={self.conf_path.parent / 'prolog-wrapper.sh'}", "PrologFlags=Alloc"]
+        if self.epilog:
+            lines.append(f"Epilog={self.conf_path.parent / 'epilog-wrapper.sh'}")
         for name in self.node_names:
             lines.append(
                 f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={name} Port={self.node_ports[name]} "
@@ -256,6 +266,22 @@ class LocalSlurm:
                 f"PartitionName={pname} Nodes={','.join(members)} Default={default} MaxTime=INFINITE State=UP"
             )
         return "\n".join(lines) + "\n"
+
+    def node_dir(self, name: str) -> Path:
+        """Per-node state a real node keeps under /run: ``jobs/`` (GPU->job mapping
+        files the prolog writes) and ``progress/`` (the training progress spool)."""
+        return self.base / "nodes" / name
+
+    def _wrapper(self, script: Path) -> str:
+        # slurmd runs the prolog as root with SLURMD_NODENAME set; point the script at
+        # that node's directories, as /run/gpufleet would be on a real node.
+        nodes = self.base / "nodes"
+        return (
+            "#!/bin/sh\n"
+            f'export GPUFLEET_JOB_MAPPING_DIR="{nodes}/$SLURMD_NODENAME/jobs"\n'
+            f'export GPUFLEET_PROGRESS_DIR="{nodes}/$SLURMD_NODENAME/progress"\n'
+            f'exec /bin/bash "{script}" "$@"\n'
+        )
 
     def gres_conf(self) -> str:
         last = self.gpus_per_node - 1
@@ -321,6 +347,16 @@ class LocalSlurm:
         (etc / "plugstack.conf").write_text("")
         self.conf_path.write_text(self.slurm_conf())
         (etc / "gres.conf").write_text(self.gres_conf())
+        for kind, script in (("prolog", self.prolog), ("epilog", self.epilog)):
+            if script is not None:
+                if not script.is_file():
+                    raise LocalSlurmError(f"{kind} script {script} does not exist")
+                wrapper = etc / f"{kind}-wrapper.sh"
+                wrapper.write_text(self._wrapper(script))
+                wrapper.chmod(0o755)
+        for name in self.node_names:
+            for sub in ("jobs", "progress"):
+                (self.node_dir(name) / sub).mkdir(parents=True, exist_ok=True)
 
     # -- daemons -----------------------------------------------------------
     def _spawn(self, key: str, argv: list[str]) -> subprocess.Popen[bytes]:

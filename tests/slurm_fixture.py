@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from exporters.localslurm import LocalSlurm, LocalSlurmError, missing_binaries
 
 NODES = [f"gpu-node-{i}" for i in range(1, 5)]
+# The shipped Slurm prolog/epilog run on the test cluster, as on a site's.
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts" / "slurm"
 
 
 def _unavailable(reason: str) -> None:
@@ -45,7 +48,8 @@ def slurm_available() -> None:
 def slurm_cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
     slurm_available()
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=4,
-                         partitions={"gpu": NODES, "debug": NODES[:2]}, cluster_name="gpufleet-test")
+                         partitions={"gpu": NODES, "debug": NODES[:2]}, cluster_name="gpufleet-test",
+                         prolog=SCRIPTS / "prolog.sh", epilog=SCRIPTS / "epilog.sh")
     try:
         cluster.start()
     except LocalSlurmError as exc:
