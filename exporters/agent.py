@@ -10,14 +10,11 @@ import argparse
 import importlib
 import logging
 import platform
-import signal
 import sys
-import threading
-import time
 from importlib import metadata
 from typing import Any
 
-from exporters.cli import duration
+from exporters.cli import duration, run_until_signalled
 from exporters.collector import Agent, Collector, CollectorRunner
 from exporters.logsetup import LEVELS, setup_logging
 from exporters.web import ExporterServer, landing_page, parse_listen_address
@@ -156,26 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except (WebConfigError, ValueError, OSError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})
         return 2
-    stop = threading.Event()
-
-    def _signal(signum: int, _frame: Any) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
-    exporter.start()
-    log.info(
-        "listening",
-        extra={"address": exporter.server.url, "collectors": ",".join(r.collector.name for r in exporter.agent.runners),
-               "interval": args.interval},
+    return run_until_signalled(
+        exporter, log, address=exporter.server.url,
+        collectors=",".join(r.collector.name for r in exporter.agent.runners), interval=args.interval,
     )
-    while not stop.wait(3600):
-        pass
-    t0 = time.monotonic()
-    exporter.stop()
-    log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
-    return 0
 
 
 if __name__ == "__main__":

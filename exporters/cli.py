@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
+import time
+from typing import Any, Protocol
 
 
 def duration(text: str) -> float:
@@ -31,3 +36,28 @@ def non_negative_int(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
+
+
+class Service(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(service: Service, log: logging.Logger, **listening: Any) -> int:
+    """Start a service, log where it listens, and stop it cleanly on SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    service.start()
+    log.info("listening", extra=listening)
+    while not stop.wait(3600):
+        pass
+    t0 = time.monotonic()
+    service.stop()
+    log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
+    return 0

@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import signal
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Protocol
 
-from exporters.cli import duration
+from exporters.cli import duration, run_until_signalled
 from exporters.collector import (
     Agent,
     Collector,
@@ -434,22 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     except (WebConfigError, ValueError, OSError) as exc:
         log.error("cannot start", extra={"reason": str(exc)})
         return 2
-    stop = threading.Event()
-
-    def _signal(signum: int, _frame: Any) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
-    exporter.start()
-    log.info("listening", extra={"address": exporter.server.url, "backend": exporter.collector.source.backend,
-                                 "poll_interval": args.poll_interval})
-    while not stop.wait(3600):
-        pass
-    exporter.stop()
-    log.info("stopped")
-    return 0
+    return run_until_signalled(exporter, log, address=exporter.server.url,
+                               backend=exporter.collector.source.backend, poll_interval=args.poll_interval)
 
 
 def all_metric_names() -> set[str]:
