@@ -466,10 +466,21 @@ def _nodes_from_sinfo_records(records: Iterable[Mapping[str, Any]]) -> tuple[lis
     return list(nodes.values()), list(parts.values())
 
 
+def _check_errors(doc: Mapping[str, Any], what: str) -> None:
+    """Slurm reports failures inside the document: 22.05's ``sinfo --json`` exits 0
+    with ``{"errors": [{"error": "Unspecified error", "errno": -1}], "nodes": []}``
+    when slurmctld is unreachable. An empty cluster must never be believed then."""
+    errors = doc.get("errors")
+    if isinstance(errors, list) and errors:
+        msgs = [str(e.get("description") or e.get("error") or e) if isinstance(e, dict) else str(e) for e in errors]
+        raise ParseError(f"Slurm reported errors in the {what} document: {'; '.join(msgs)[:300]}")
+
+
 def nodes_from_json(doc: Mapping[str, Any]) -> tuple[list[Node], list[Partition]]:
     """Nodes (and, from 23.02+ sinfo, partitions) of a ``sinfo --json`` or ``/nodes`` document."""
     if not isinstance(doc, Mapping):
         raise ParseError("node document is not a JSON object")
+    _check_errors(doc, "node")
     if isinstance(doc.get("sinfo"), list):
         return _nodes_from_sinfo_records(doc["sinfo"])
     records = doc.get("nodes")
@@ -489,6 +500,7 @@ def jobs_from_json(doc: Mapping[str, Any]) -> list[Job]:
     """Jobs of a ``squeue --json`` or ``/jobs`` document (finished jobs dropped)."""
     if not isinstance(doc, Mapping):
         raise ParseError("job document is not a JSON object")
+    _check_errors(doc, "job")
     records = doc.get("jobs")
     if not isinstance(records, list):
         raise ParseError(f"no 'jobs' list in job document (keys: {sorted(doc)[:8]})")

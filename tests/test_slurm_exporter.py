@@ -789,3 +789,15 @@ def test_token_file_formats(tmp_path):
     assert read_token(str(f)) == "abc.def.ghi"
     f.write_text("  abc.def.ghi  \n")
     assert read_token(str(f)) == "abc.def.ghi"
+
+
+def test_errors_inside_a_json_document_are_failures_not_an_empty_cluster():
+    """22.05's sinfo --json exits 0 with an errors list and no nodes when slurmctld is down."""
+    from exporters.slurm_data import ParseError, jobs_from_json, nodes_from_json
+
+    down = {"errors": [{"error": "Unspecified error", "errno": -1}], "nodes": [], "jobs": []}
+    with pytest.raises(ParseError, match="Unspecified error"):
+        nodes_from_json(down)
+    with pytest.raises(ParseError, match="Unspecified error"):
+        jobs_from_json(down)
+    assert nodes_from_json({"errors": [], "nodes": []}) == ([], [])
