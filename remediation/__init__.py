@@ -1,4 +1,11 @@
 """gpufleet-remediation: Alertmanager webhooks that drain bad nodes under guardrails.
 
-Lands with issue "The remediation service" (see DESIGN.md); nothing here yet.
+- policy.py: the policy file (rules, caps, rate limit, breaker, flap), validated at load
+- store.py: SQLite (WAL) state and audit: deliveries, decisions, actions, approvals
+- engine.py: idempotent decisions through the guardrails, intent before acting,
+  reconciliation after a crash, auto-resume of nodes it drained itself
+- actuators/: Slurm (scontrol, slurmrestd), Kubernetes, exec; base.py is the contract
+- memory.py: an in-memory actuator for property tests and the benchmark
+
+The HTTP service and the admin CLI land next (issue "The remediation service").
 """

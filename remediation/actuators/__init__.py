@@ -1,0 +1,1 @@
+"""Actuators: the only code that changes a scheduler. See base.py for the contract."""
