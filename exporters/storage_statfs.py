@@ -33,16 +33,43 @@ STUCK = "stuck"
 WAITING = "waiting"
 
 
-class _Probe:
-    __slots__ = ("path", "done", "started", "result", "error", "cancelled")
+class _Batch:
+    """Counts down the probes one collection queued, so the caller sleeps once
+    for all of them instead of waking for each (thirty mounts, thirty wake-ups)."""
 
-    def __init__(self, path: str):
+    __slots__ = ("left", "cond")
+
+    def __init__(self, n: int):
+        self.left = n
+        self.cond = threading.Condition(threading.Lock())
+
+    def finish(self) -> None:
+        with self.cond:
+            self.left -= 1
+            if self.left <= 0:
+                self.cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.left <= 0, max(0.0, timeout))
+
+
+class _Probe:
+    __slots__ = ("path", "done", "started", "result", "error", "cancelled", "batch")
+
+    def __init__(self, path: str, batch: _Batch | None = None):
         self.path = path
         self.done = threading.Event()
         self.started: float | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.batch = batch
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.batch is not None:
+            self.batch.finish()
 
 
 @dataclass(frozen=True)
@@ -80,7 +107,7 @@ class StatfsPool:
             if probe is None:
                 return
             if probe.cancelled:
-                probe.done.set()
+                probe.finish()
                 continue
             probe.started = self._clock()
             try:
@@ -88,7 +115,7 @@ class StatfsPool:
             except BaseException as exc:  # noqa: BLE001 - reported to the caller, never kills the worker
                 probe.error = exc
             finally:
-                probe.done.set()
+                probe.finish()
 
     def threads(self) -> list[threading.Thread]:
         """The worker threads still alive (a closed pool's blocked workers stay until their call returns)."""
@@ -113,13 +140,15 @@ class StatfsPool:
         start = self._clock()
         deadline = start + timeout
         probes: dict[str, _Probe] = {}
+        batch = _Batch(0)
         with self._lock:
             for path in paths:
                 earlier = self._inflight.get(path)
                 if earlier is not None and not earlier.done.is_set():
                     probes[path] = earlier  # still blocked or queued: never probe a mount twice at once
                     continue
-                p = _Probe(path)
+                batch.left += 1
+                p = _Probe(path, batch)
                 self._inflight[path] = p
                 probes[path] = p
                 self._queue.put(p)
@@ -128,6 +157,8 @@ class StatfsPool:
             for path in [k for k, p in self._inflight.items() if k not in probes and p.done.is_set()]:
                 del self._inflight[path]
 
+        if batch.left:
+            batch.wait(deadline - self._clock())  # the common case: every probe answers at once
         out: dict[str, Outcome] = {}
         for path, p in probes.items():
             now = self._clock()
