@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
-METRIC_TYPES = ("gauge", "counter")
+# histogram: only for documenting services whose metrics live in a prometheus_client registry.
+METRIC_TYPES = ("gauge", "counter", "histogram")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 from exporters import gpu, gpu_dcgm, jobs, progress_collector, rdma, slurm, storage
 from exporters.collector import SELF_SPECS, MetricSpec
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "metrics.md"
 
 
 
@@ -29,6 +30,34 @@ def _own(specs: tuple[MetricSpec, ...]) -> tuple[MetricSpec, ...]:
 
 def _self(specs: tuple[MetricSpec, ...]) -> tuple[MetricSpec, ...]:
     return tuple(s for s in specs if s.name.startswith("gpufleet_"))
+
+
+def _registry_specs(registry) -> tuple[MetricSpec, ...]:
+    """MetricSpecs of a prometheus_client registry's families (for services whose
+    metrics live in a registry rather than a spec table)."""
+    specs = []
+    for fam in registry.collect():
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        labels = tuple(dict.fromkeys(k for s in fam.samples for k in s.labels if k != "le"))
+        specs.append(MetricSpec(name, fam.type, fam.documentation, labels))
+    return tuple(specs)
+
+
+def _remediation_specs() -> tuple[MetricSpec, ...]:
+    import tempfile
+
+    from remediation.engine import Engine
+    from remediation.memory import MemoryActuator
+    from remediation.policy import load_policy
+    from remediation.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(f"{tmp}/doc.db")
+        try:
+            engine = Engine(load_policy(str(REPO / "alerts" / "remediation-policy.yml")), store, MemoryActuator())
+            return _registry_specs(engine.registry)
+        finally:
+            store.close()
 
 
 SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
@@ -93,6 +122,12 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
         slurm.SELF_SPECS,
     ),
     (
+        "Remediation service (`gpufleet-remediation`)",
+        "Read from its SQLite store at scrape time, so counters and the breaker state survive restarts "
+        "(the two duration histograms restart at zero). See [remediation.md](remediation.md).",
+        _remediation_specs(),
+    ),
+    (
         "Exporter self-monitoring",
         "Every collector reports success, duration and last success; a failing collector never breaks the "
         "scrape (DESIGN.md, 'Failure is data').",
@@ -134,8 +169,14 @@ def render() -> str:
 
 
 def all_metric_names() -> set[str]:
-    """Every series name the agent can emit (for rule and dashboard linting later)."""
-    return {s.name for _, _, specs in SECTIONS for s in specs}
+    """Every series name gpufleet's programs emit (for rule and dashboard linting)."""
+    names = set()
+    for _, _, specs in SECTIONS:
+        for s in specs:
+            names.add(s.name)
+            if s.type == "histogram":
+                names |= {s.name + "_bucket", s.name + "_sum", s.name + "_count"}
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
