@@ -37,6 +37,8 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/exporter.py
 	$(BIN)/python bench/collectors.py
+	$(BIN)/python bench/slurm_exporter.py
+	$(BIN)/python bench/remediation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .tmp

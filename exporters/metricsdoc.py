@@ -49,13 +49,15 @@ def _remediation_specs() -> tuple[MetricSpec, ...]:
     from remediation.engine import Engine
     from remediation.memory import MemoryActuator
     from remediation.policy import load_policy
+    from remediation.service import create_app
     from remediation.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(f"{tmp}/doc.db")
         try:
             engine = Engine(load_policy(str(REPO / "alerts" / "remediation-policy.yml")), store, MemoryActuator())
-            return _registry_specs(engine.registry)
+            create_app(engine, webhook_token="doc-webhook", admin_token="doc-admin")  # adds the service's own
+            return tuple(s for s in _registry_specs(engine.registry) if s.name.startswith("gpufleet_"))
         finally:
             store.close()
 
@@ -124,7 +126,8 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
     (
         "Remediation service (`gpufleet-remediation`)",
         "Read from its SQLite store at scrape time, so counters and the breaker state survive restarts "
-        "(the two duration histograms restart at zero). See [remediation.md](remediation.md).",
+        "(the two duration histograms and the webhook request counter restart at zero); the standard "
+        "`process_*` and `python_*` series come with them. See [remediation.md](remediation.md).",
         _remediation_specs(),
     ),
     (

@@ -6,6 +6,7 @@
   reconciliation after a crash, auto-resume of nodes it drained itself
 - actuators/: Slurm (scontrol, slurmrestd), Kubernetes, exec; base.py is the contract
 - memory.py: an in-memory actuator for property tests and the benchmark
-
-The HTTP service and the admin CLI land next (issue "The remediation service").
+- schema.py, service.py: the HTTP service (FastAPI): the Alertmanager webhook, health,
+  metrics and the admin API, with bearer tokens from files
+- cli.py: the umbrella ``gpufleet`` command (``gpufleet remediation status|history|...``)
 """
