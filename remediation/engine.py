@@ -201,6 +201,7 @@ class _Delivery:
     view: View | None = None
     view_error: str | None = None
     released: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
 
 
 ExecRunner = Callable[[ExecSpec, str, Mapping[str, Any], str], str]
@@ -338,6 +339,7 @@ class Engine:
             ctx.view, ctx.view_error = None, str(exc)
             return None
         ctx.released.extend(self._refresh_ownership(ctx.view))
+        ctx.adopted.extend(self._adopt_unrecorded(ctx.view))
         return ctx.view
 
     def _refresh_ownership(self, view: View) -> list[str]:
@@ -357,6 +359,24 @@ class Engine:
             self._cancel_scheduled(node, f"node is no longer ours: {what}")
             self._log({"event": "ownership_released", "node": node, "now": what})
         return released
+
+    def _adopt_unrecorded(self, view: View) -> list[str]:
+        """Take on nodes that carry our reason but have no ownership record: a drain
+        that landed after a crash's reconcile (an orphaned scontrol finishing late),
+        or one an operator made by hand with the ``gpufleet:`` prefix. They count as
+        ours (so they may be resumed by a human through us) but are never auto-resumed."""
+        owned = {o["node"] for o in self.store.owned_nodes()}
+        adopted = []
+        for name, st in sorted(view.statuses.items()):
+            if not (st.exists and st.ours) or name in owned or self.store.actions(state="intent", node=name):
+                continue
+            self.store.set_ownership(name, action_id=None, since=self.clock(), reason=st.reason, alert_key=None,
+                                     rule=None, auto_resume=0, hold_down=0)  # fmt: skip
+            self.store.add_audit("engine", "adopt", name, json.dumps({"reason": st.reason, "state": st.state}),
+                                 at=self.clock())  # fmt: skip
+            self._log({"event": "ownership_adopted", "node": name, "reason": st.reason})
+            adopted.append(name)
+        return adopted
 
     def _cancel_scheduled(self, node: str, why: str) -> list[int]:
         """Cancel the scheduled auto-resumes of a node, each with a decision in the history."""
@@ -831,7 +851,8 @@ class Engine:
         alert arrives)."""
         now = self.clock()
         with self._lock:
-            if now - self._last_refresh >= OWNERSHIP_REFRESH_SECONDS and self.store.owned_nodes():
+            # Also when nothing is owned: a drain that landed late after a crash is adopted here.
+            if now - self._last_refresh >= OWNERSHIP_REFRESH_SECONDS:
                 self._last_refresh = now
                 with self.store.transaction():
                     self._fetch(_Delivery(None))
@@ -960,12 +981,7 @@ class Engine:
             view = self._fetch(ctx)
             if view is not None:
                 summary["released"] = list(ctx.released)
-                owned = {o["node"] for o in self.store.owned_nodes()}
-                for name, st in sorted(view.statuses.items()):
-                    if st.exists and st.ours and name not in owned:
-                        self.store.set_ownership(name, action_id=None, since=now, reason=st.reason, alert_key=None,
-                                                 rule=None, auto_resume=0, hold_down=0)  # fmt: skip
-                        summary["adopted"].append(name)
+                summary["adopted"] = list(ctx.adopted)
             else:
                 summary["scheduler_error"] = ctx.view_error
             self.store.add_audit("engine", "reconcile", "", json.dumps(summary, sort_keys=True), at=now)

@@ -1083,3 +1083,23 @@ def test_two_engines_on_one_database_never_exceed_the_caps_together(tmp_path):
         for s in stores:
             s.close()
     assert act.peak == 5 == act.unavailable_count()
+
+
+def test_a_drain_of_ours_that_landed_after_reconcile_is_adopted_by_tick(rig):
+    """kill -9 mid-action can leave an scontrol running that drains after the restart's
+    reconcile already settled the intent: the periodic refresh adopts such a node
+    (never auto-resumed) instead of leaving it drained and unaccounted for."""
+    rig.engine.reconcile()
+    rig.engine.tick()
+    rig.act.admin_drain("n4", "gpufleet: GpuRowRemapFailed on n4 (late scontrol)")
+    assert "n4" not in {o["node"] for o in rig.store.owned_nodes()}
+    rig.clock.advance(61)
+    rig.engine.tick()
+    owned = {o["node"]: o for o in rig.store.owned_nodes()}
+    assert "n4" in owned and not owned["n4"]["auto_resume"]
+    assert any(a["what"] == "adopt" and a["target"] == "n4" for a in rig.engine.audit(20))
+    # A foreign drain is never adopted.
+    rig.act.admin_drain("n5", "admin: bad DIMM")
+    rig.clock.advance(61)
+    rig.engine.tick()
+    assert "n5" not in {o["node"] for o in rig.store.owned_nodes()}
