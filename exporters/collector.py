@@ -64,8 +64,18 @@ class SampleBuilder:
             rows = self._rows[name] = []
         rows.append((tuple(map(str, labels)), float(value)))
 
+    def rows(self, name: str) -> list[tuple[tuple[str, ...], float]]:
+        """The family's row list, for hot loops that append ``(labels, float)``
+        themselves: labels must be a tuple of ``str`` of the spec's arity (the
+        check ``add`` makes per sample is the caller's here)."""
+        self._specs[name]  # noqa: B018 - an unknown name is a programming error, raise KeyError now
+        rows = self._rows.get(name)
+        if rows is None:
+            rows = self._rows[name] = []
+        return rows
+
     def families(self) -> list[Metric]:
-        return [BuiltFamily(self._specs[name], rows) for name, rows in self._rows.items()]
+        return [BuiltFamily(self._specs[name], rows) for name, rows in self._rows.items() if rows]
 
 
 class BuiltFamily(Metric):

@@ -288,6 +288,20 @@ def select_nfs(nfs: list[sp.NfsMount], mounts: list[sp.Mount] | None, rootfs: st
     return sorted(out.items())
 
 
+# storage_nfs_operation* family -> (field of the per-op line, scale to our unit)
+NFS_OP_FIELDS = (
+    ("storage_nfs_operations_total", 0, 1.0),
+    ("storage_nfs_operation_transmissions_total", 1, 1.0),
+    ("storage_nfs_operation_major_timeouts_total", 2, 1.0),
+    ("storage_nfs_operation_sent_bytes_total", 3, 1.0),
+    ("storage_nfs_operation_received_bytes_total", 4, 1.0),
+    ("storage_nfs_operation_queue_seconds_total", 5, 0.001),
+    ("storage_nfs_operation_rtt_seconds_total", 6, 0.001),
+    ("storage_nfs_operation_execute_seconds_total", 7, 0.001),
+    ("storage_nfs_operation_errors_total", 8, 1.0),  # 9-field lines of newer kernels only
+)
+
+
 class StorageCollector(Collector):
     name = "storage"
     specs = SPECS
@@ -428,7 +442,9 @@ class StorageCollector(Collector):
         if problems:
             self._problem("mountstats", path, problems[0], len(problems))
         chosen = select_nfs(nfs, mounts, self.rootfs, self.filters)
+        op_rows = [(b.rows(name), i, scale) for name, i, scale in NFS_OP_FIELDS]
         for lab, n in chosen:
+            lab = tuple(map(str, lab))
             if n.bytes is not None:
                 by = n.bytes
                 b.add("storage_nfs_read_bytes_total", lab + ("normal",), by[0])
@@ -442,17 +458,11 @@ class StorageCollector(Collector):
                 retrans += max(0, v[1] - v[0])
                 if not any(v):
                     continue
-                ol = lab + (op,)
-                b.add("storage_nfs_operations_total", ol, v[0])
-                b.add("storage_nfs_operation_transmissions_total", ol, v[1])
-                b.add("storage_nfs_operation_major_timeouts_total", ol, v[2])
-                b.add("storage_nfs_operation_sent_bytes_total", ol, v[3])
-                b.add("storage_nfs_operation_received_bytes_total", ol, v[4])
-                b.add("storage_nfs_operation_queue_seconds_total", ol, v[5] / 1000)
-                b.add("storage_nfs_operation_rtt_seconds_total", ol, v[6] / 1000)
-                b.add("storage_nfs_operation_execute_seconds_total", ol, v[7] / 1000)
-                if len(v) > 8:
-                    b.add("storage_nfs_operation_errors_total", ol, v[8])
+                ol = (*lab, op)
+                # One row per field of the per-op line (mountstats times are milliseconds).
+                for rows, i, scale in op_rows:
+                    if i < len(v):
+                        rows.append((ol, v[i] * scale))
             if n.ops:
                 b.add("storage_nfs_retransmissions_total", lab, retrans)
             if n.xprt is not None:

@@ -57,7 +57,7 @@ def test_sanitize_reason_makes_one_bounded_prefixed_line():
 def test_nodes_are_the_live_view_with_partitions(slurm):
     view = actuator(slurm).nodes()
     assert sorted(view) == NODES
-    assert view["gpu-node-1"].partitions == ("gpu", "debug")
+    assert view["gpu-node-1"].partitions == ("debug", "gpu")  # sorted
     assert view["gpu-node-4"].partitions == ("gpu",)
     assert not any(s.unavailable or s.ours for s in view.values())
     assert view["gpu-node-1"].state == "IDLE"

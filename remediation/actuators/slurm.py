@@ -122,7 +122,7 @@ def node_status(node: Node) -> NodeStatus:
         # A reason on an available node is a leftover, not ownership of anything.
         ours=unavailable and node.reason.startswith(REASON_PREFIX),
         reason=node.reason,
-        partitions=tuple(node.partitions),
+        partitions=tuple(sorted(node.partitions)),  # sinfo JSON and text list them in different orders
         state=node.raw_state or node.state.upper(),
         extra=extra,
     )
