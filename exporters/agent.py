@@ -14,9 +14,9 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from exporters.cli import duration, run_until_signalled
+from exporters.cli import add_log_arguments, add_web_arguments, duration, run_until_signalled
 from exporters.collector import Agent, Collector, CollectorRunner
-from exporters.logsetup import LEVELS, setup_logging
+from exporters.logsetup import setup_logging
 from exporters.web import ExporterServer, landing_page, parse_listen_address
 from exporters.webconfig import WebConfigError, load_web_config
 
@@ -58,15 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    web = p.add_argument_group("web")
-    web.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                     help="Address to serve metrics on. ':9845' listens on every interface; use "
-                          "127.0.0.1:9845 for loopback only.")
-    web.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
-                     help="Path under which to expose metrics.")
-    web.add_argument("--web.config.file", dest="web_config", default="", metavar="FILE",
-                     help="exporter-toolkit web config (YAML): tls_server_config (cert_file, key_file, "
-                          "client_auth_type, client_ca_file) and basic_auth_users (bcrypt hashes).")
+    add_web_arguments(p, DEFAULT_LISTEN)
     col = p.add_argument_group("collectors")
     col.add_argument("--collector.interval", dest="interval", type=duration, default=duration("5s"),
                      metavar="DURATION", help="How often collectors sample in the background.")
@@ -86,10 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "kernel log is read from <rootfs>/dev/kmsg.")
     for module in collector_modules():
         module.add_arguments(p)
-    logs = p.add_argument_group("logging")
-    logs.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info", help="Minimum level logged.")
-    logs.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt",
-                      help="Log line format (to stderr).")
+    add_log_arguments(p)
     p.add_argument("--version", action="version", version=f"gpufleet-exporter {version()}")
     return p
 

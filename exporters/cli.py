@@ -61,3 +61,26 @@ def run_until_signalled(service: Service, log: logging.Logger, **listening: Any)
     service.stop()
     log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
     return 0
+
+
+def add_web_arguments(p: argparse.ArgumentParser, default_listen: str) -> None:
+    """The exporter-toolkit style ``--web.*`` flags every gpufleet exporter takes."""
+    port = default_listen.rpartition(":")[2]
+    web = p.add_argument_group("web")
+    web.add_argument("--web.listen-address", dest="listen", default=default_listen, metavar="HOST:PORT",
+                     help=f"Address to serve metrics on. ':{port}' listens on every interface; use "
+                          f"127.0.0.1:{port} for loopback only.")
+    web.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                     help="Path under which to expose metrics.")
+    web.add_argument("--web.config.file", dest="web_config", default="", metavar="FILE",
+                     help="exporter-toolkit web config (YAML): tls_server_config (cert_file, key_file, "
+                          "client_auth_type, client_ca_file) and basic_auth_users (bcrypt hashes).")
+
+
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    from exporters.logsetup import LEVELS
+
+    logs = p.add_argument_group("logging")
+    logs.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info", help="Minimum level logged.")
+    logs.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt",
+                      help="Log line format (to stderr).")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Protocol
 
-from exporters.cli import duration, run_until_signalled
+from exporters.cli import add_log_arguments, add_web_arguments, duration, run_until_signalled
 from exporters.collector import (
     Agent,
     Collector,
@@ -37,7 +37,7 @@ from exporters.collector import (
     SampleBuilder,
     render,
 )
-from exporters.logsetup import LEVELS, setup_logging
+from exporters.logsetup import setup_logging
 from exporters.slurm_data import NODE_STATES, Snapshot, pending_reason, rfc3339
 from exporters.slurm_source import CliSource, RestSource, SourceError
 from exporters.web import ExporterServer, landing_page, parse_listen_address
@@ -328,13 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    web = p.add_argument_group("web")
-    web.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                     help="Address to serve metrics on (':9846' is every interface).")
-    web.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
-                     help="Path under which to expose metrics.")
-    web.add_argument("--web.config.file", dest="web_config", default="", metavar="FILE",
-                     help="exporter-toolkit web config (YAML): TLS and basic auth.")
+    add_web_arguments(p, DEFAULT_LISTEN)
     s = p.add_argument_group("slurm")
     s.add_argument("--slurm.poll-interval", dest="poll_interval", type=duration, default=duration("30s"),
                    metavar="DURATION",
@@ -359,10 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="User name for slurmrestd (X-SLURM-USER-NAME).")
     s.add_argument("--slurm.rest-ca-file", dest="ca_file", default="", metavar="FILE",
                    help="CA bundle to verify an https slurmrestd.")
-    logs = p.add_argument_group("logging")
-    logs.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info", help="Minimum level logged.")
-    logs.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt",
-                      help="Log line format (to stderr).")
+    add_log_arguments(p)
     p.add_argument("--version", action="version", version=f"gpufleet-slurm-exporter {version()}")
     return p
 

@@ -14,6 +14,8 @@ says so, and the engine only ever resumes nodes where it is true.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,3 +74,20 @@ class Actuator(Protocol):
 
     def ping(self) -> None:
         """Raise ActuatorError when the scheduler cannot be reached (readiness)."""
+
+
+def wait_for_node(read: Callable[[str], NodeStatus], node: str, done: Callable[[NodeStatus], bool], what: str, *,
+                  timeout: float, poll_interval: float,
+                  settled: Callable[[NodeStatus], bool] | None = None) -> NodeStatus:
+    """Read a node back until ``done`` (else a transient ActuatorError), then, within
+    the same bound, until ``settled`` (else return what the scheduler says): schedulers
+    apply an update asynchronously, and the audit must record what really happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = read(node)
+        if done(st) and (settled is None or settled(st) or time.monotonic() >= deadline):
+            return st
+        if time.monotonic() >= deadline:
+            raise ActuatorError(f"{node}: {what} not visible after {timeout:g}s "
+                                f"(state {st.state}, reason {st.reason!r})", transient=True)
+        time.sleep(poll_interval)

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from exporters.slurm_data import (
     nodes_from_text,
 )
 from exporters.slurm_source import _UNSUPPORTED_JSON, SINFO_JSON_ARGS, SINFO_TEXT_ARGS, run_bounded
-from remediation.actuators.base import REASON_PREFIX, ActuatorError, NodeStatus
+from remediation.actuators.base import REASON_PREFIX, ActuatorError, NodeStatus, wait_for_node
 
 __all__ = [
     "UNAVAILABLE_FLAGS",
@@ -268,17 +267,8 @@ class SlurmActuator:
 
     def _wait(self, node: str, done: Callable[[NodeStatus], bool], what: str,
               settled: Callable[[NodeStatus], bool] | None = None) -> NodeStatus:
-        """Read back until ``done`` (else a transient error), then, within the same
-        bound, until ``settled`` (else return what Slurm says)."""
-        deadline = time.monotonic() + self.settle_timeout
-        while True:
-            st = self.node(node)
-            if done(st) and (settled is None or settled(st) or time.monotonic() >= deadline):
-                return st
-            if time.monotonic() >= deadline:
-                raise ActuatorError(f"{node}: {what} not visible after {self.settle_timeout:g}s "
-                                    f"(state {st.state}, reason {st.reason!r})", transient=True)
-            time.sleep(self.poll_interval)
+        return wait_for_node(self.node, node, done, what, timeout=self.settle_timeout,
+                             poll_interval=self.poll_interval, settled=settled)
 
     def drain(self, node: str, reason: str) -> NodeStatus:
         self._check_free_or_ours(node, "drain")

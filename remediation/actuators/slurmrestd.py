@@ -24,7 +24,6 @@ ActuatorError; sites that want reboots use the scontrol actuator (or exec).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -33,7 +32,7 @@ import requests
 
 from exporters.slurm_data import ParseError, nodes_from_json
 from exporters.slurm_source import SUPPORTED_VERSIONS, RestSource, SourceError
-from remediation.actuators.base import ActuatorError, NodeStatus
+from remediation.actuators.base import ActuatorError, NodeStatus, wait_for_node
 from remediation.actuators.slurm import check_node_name, classify, node_status, sanitize_reason, state_flags
 
 __all__ = ["SlurmRestActuator"]
@@ -241,15 +240,8 @@ class SlurmRestActuator:
 
     def _wait(self, node: str, done: Callable[[NodeStatus], bool], what: str,
               settled: Callable[[NodeStatus], bool] | None = None) -> NodeStatus:
-        deadline = time.monotonic() + self.settle_timeout
-        while True:
-            st = self.node(node)
-            if done(st) and (settled is None or settled(st) or time.monotonic() >= deadline):
-                return st
-            if time.monotonic() >= deadline:
-                raise ActuatorError(f"{node}: {what} not visible after {self.settle_timeout:g}s "
-                                    f"(state {st.state}, reason {st.reason!r})", transient=True)
-            time.sleep(self.poll_interval)
+        return wait_for_node(self.node, node, done, what, timeout=self.settle_timeout,
+                             poll_interval=self.poll_interval, settled=settled)
 
     def drain(self, node: str, reason: str) -> NodeStatus:
         check_node_name(node)
