@@ -17,7 +17,7 @@ from typing import Any
 from exporters.cli import add_log_arguments, add_web_arguments, duration, run_until_signalled
 from exporters.collector import Agent, Collector, CollectorRunner
 from exporters.logsetup import setup_logging
-from exporters.web import ExporterServer, landing_page, parse_listen_address
+from exporters.web import ExporterServer, ServedAgent, landing_page, parse_listen_address
 from exporters.webconfig import WebConfigError, load_web_config
 
 DEFAULT_LISTEN = ":9845"
@@ -87,7 +87,7 @@ def build_collectors(args: argparse.Namespace) -> list[Collector]:
     return [m.create(args) for m in collector_modules() if getattr(args, f"collector_{m.COLLECTOR_NAME}")]
 
 
-class Exporter:
+class Exporter(ServedAgent):
     """Collectors + HTTP server, started and stopped together (also used by tests)."""
 
     def __init__(self, args: argparse.Namespace, collectors: list[Collector] | None = None):
@@ -124,14 +124,6 @@ class Exporter:
         # Healthy means the process serves; collector failures are data, not ill health.
         return True, "ok"
 
-    def start(self) -> None:
-        self.agent.start()
-        self.server.serve_in_background()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.agent.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from exporters.collector import (
 from exporters.logsetup import setup_logging
 from exporters.slurm_data import NODE_STATES, Snapshot, pending_reason, rfc3339
 from exporters.slurm_source import CliSource, RestSource, SourceError
-from exporters.web import ExporterServer, landing_page, parse_listen_address
+from exporters.web import ExporterServer, ServedAgent, landing_page, parse_listen_address
 from exporters.webconfig import WebConfigError, load_web_config
 
 DEFAULT_LISTEN = ":9846"
@@ -376,7 +376,7 @@ def make_source(args: argparse.Namespace) -> Source:
     return CliSource(bin_dir=args.bin_dir, conf=args.conf, timeout=args.timeout, fmt=args.cli_format)
 
 
-class SlurmExporter:
+class SlurmExporter(ServedAgent):
     """The collector, its runner and the HTTP server, started and stopped together."""
 
     def __init__(self, args: argparse.Namespace, source: Source | None = None):
@@ -406,14 +406,6 @@ class SlurmExporter:
         return landing_page(f"gpufleet-slurm-exporter {version()}", self.args.telemetry_path,
                             [("slurm", "ok" if st.success else "failing", detail)])
 
-    def start(self) -> None:
-        self.agent.start()
-        self.server.serve_in_background()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.agent.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

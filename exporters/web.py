@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from exporters.webconfig import WebConfig
 
@@ -130,3 +131,20 @@ def landing_page(title: str, telemetry_path: str, rows: list[tuple[str, str, str
         f"<table border=1 cellpadding=4><tr><th>collector</th><th>state</th><th>detail</th></tr>{trs}</table>"
         "</body></html>"
     )
+
+
+class ServedAgent:
+    """Collectors (an ``Agent``) and their HTTP server, started and stopped together;
+    the node agent and the Slurm exporter are both one."""
+
+    agent: Any
+    server: ExporterServer
+
+    def start(self) -> None:
+        self.agent.start()
+        self.server.serve_in_background()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.agent.stop()

@@ -137,7 +137,33 @@ def classify(message: str) -> bool:
     return bool(_TRANSIENT.search(message))
 
 
-class SlurmActuator:
+class SlurmActing:
+    """What both Slurm actuators (scontrol and slurmrestd) do around an action:
+    refuse a node someone else took out, and read the node back until the change shows."""
+
+    settle_timeout: float
+    poll_interval: float
+
+    def node(self, name: str) -> NodeStatus:  # provided by the actuator
+        raise NotImplementedError
+
+    def _check_free_or_ours(self, node: str, action: str) -> NodeStatus:
+        st = self.node(check_node_name(node))
+        if not st.exists:
+            raise ActuatorError(f"{action} {node}: Slurm does not know this node", transient=False)
+        if st.unavailable and not st.ours:
+            raise ActuatorError(
+                f"{action} {node}: already unavailable for someone else ({st.state}, reason {st.reason!r}); "
+                "not overwriting their reason", transient=False)
+        return st
+
+    def _wait(self, node: str, done: Callable[[NodeStatus], bool], what: str,
+              settled: Callable[[NodeStatus], bool] | None = None) -> NodeStatus:
+        return wait_for_node(self.node, node, done, what, timeout=self.settle_timeout,
+                             poll_interval=self.poll_interval, settled=settled)
+
+
+class SlurmActuator(SlurmActing):
     """``sinfo``/``scontrol`` on this host against ``conf`` (or the default slurm.conf).
 
     ``bin_dir``: where the Slurm clients live (default: ``PATH``). ``timeout``: the
@@ -255,21 +281,6 @@ class SlurmActuator:
             raise ActuatorError(f"slurmctld unreachable: {text}", transient=True)
 
     # -- acting ------------------------------------------------------------------
-    def _check_free_or_ours(self, node: str, action: str) -> NodeStatus:
-        st = self.node(check_node_name(node))
-        if not st.exists:
-            raise ActuatorError(f"{action} {node}: Slurm does not know this node", transient=False)
-        if st.unavailable and not st.ours:
-            raise ActuatorError(
-                f"{action} {node}: already unavailable for someone else ({st.state}, reason {st.reason!r}); "
-                "not overwriting their reason", transient=False)
-        return st
-
-    def _wait(self, node: str, done: Callable[[NodeStatus], bool], what: str,
-              settled: Callable[[NodeStatus], bool] | None = None) -> NodeStatus:
-        return wait_for_node(self.node, node, done, what, timeout=self.settle_timeout,
-                             poll_interval=self.poll_interval, settled=settled)
-
     def drain(self, node: str, reason: str) -> NodeStatus:
         self._check_free_or_ours(node, "drain")
         text = sanitize_reason(reason)

@@ -24,7 +24,7 @@ ActuatorError; sites that want reboots use the scontrol actuator (or exec).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -32,8 +32,15 @@ import requests
 
 from exporters.slurm_data import ParseError, nodes_from_json
 from exporters.slurm_source import SUPPORTED_VERSIONS, RestSource, SourceError
-from remediation.actuators.base import ActuatorError, NodeStatus, wait_for_node
-from remediation.actuators.slurm import check_node_name, classify, node_status, sanitize_reason, state_flags
+from remediation.actuators.base import ActuatorError, NodeStatus
+from remediation.actuators.slurm import (
+    SlurmActing,
+    check_node_name,
+    classify,
+    node_status,
+    sanitize_reason,
+    state_flags,
+)
 
 __all__ = ["SlurmRestActuator"]
 
@@ -46,7 +53,7 @@ def _vkey(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v[1:].split("."))
 
 
-class SlurmRestActuator:
+class SlurmRestActuator(SlurmActing):
     """slurmrestd at ``url`` (``http(s)://host:port`` or ``unix:///path/to.socket``).
 
     ``token_file``: a JWT (bare, or ``scontrol token``'s ``SLURM_JWT=`` line), sent as
@@ -227,21 +234,6 @@ class SlurmRestActuator:
                                 transient=False)
         if resp.status_code != 200 or self._errors(resp):
             raise self._fail(f"POST {path}", resp)
-
-    def _check_free_or_ours(self, node: str, action: str) -> NodeStatus:
-        st = self.node(node)
-        if not st.exists:
-            raise ActuatorError(f"{action} {node}: Slurm does not know this node", transient=False)
-        if st.unavailable and not st.ours:
-            raise ActuatorError(
-                f"{action} {node}: already unavailable for someone else ({st.state}, reason {st.reason!r}); "
-                "not overwriting their reason", transient=False)
-        return st
-
-    def _wait(self, node: str, done: Callable[[NodeStatus], bool], what: str,
-              settled: Callable[[NodeStatus], bool] | None = None) -> NodeStatus:
-        return wait_for_node(self.node, node, done, what, timeout=self.settle_timeout,
-                             poll_interval=self.poll_interval, settled=settled)
 
     def drain(self, node: str, reason: str) -> NodeStatus:
         check_node_name(node)
