@@ -1,5 +1,6 @@
 """``gpufleet``: the umbrella command line. ``gpufleet remediation ...`` wraps the
-remediation service's admin API (remediation/service.py).
+remediation service's admin API (remediation/service.py); the other areas (``AREAS``)
+live in their own packages.
 
     gpufleet remediation status
     gpufleet remediation history [--limit N] [--node NODE]
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import json
 import os
 import socket
@@ -262,9 +264,21 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("--ca-file", default=d(None), metavar="FILE", help="CA bundle for an https service")
 
 
+# Other areas of the umbrella command, by module. Each module has ``HELP`` (one line),
+# ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status); it imports its
+# heavy dependencies inside ``run`` so that ``gpufleet --help`` stays fast.
+AREAS: dict[str, str] = {
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpufleet", description="gpufleet command line.")
     sub = p.add_subparsers(dest="area", metavar="AREA", required=True)
+    for area, module_name in AREAS.items():
+        module = importlib.import_module(module_name)
+        ap = sub.add_parser(area, help=module.HELP, description=module.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        module.add_arguments(ap)
     rem = sub.add_parser("remediation", help="the remediation service's admin API", epilog=EPILOG,
                          description="Talk to gpufleet-remediation's admin API (/api/v1/).",
                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -287,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.area in AREAS:
+        return importlib.import_module(AREAS[args.area]).run(args)
     args.who = args.who or default_who()
     _help, call, show = COMMANDS[args.command]
     try:
