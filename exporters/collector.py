@@ -156,6 +156,13 @@ _SERIES: dict[str, dict[tuple[str, ...], str]] = {}
 _SERIES_PER_FAMILY = 50_000
 
 
+def _series_head(sample_name: str, labelnames: Sequence[str], values: tuple[str, ...]) -> str:
+    if not values:
+        return sample_name + " "
+    lab = ",".join(f'{k}="{_escape_label(lv)}"' for k, lv in zip(labelnames, values, strict=True))
+    return f"{sample_name}{{{lab}}} "
+
+
 def render(families: Iterable[Metric]) -> bytes:
     """Render families in the Prometheus text format (version 0.0.4).
 
@@ -182,16 +189,13 @@ def render(families: Iterable[Metric]) -> bytes:
         if cache is None or len(cache) > _SERIES_PER_FAMILY:
             # Series come and go (jobs, mounts): a bounded cache per family, rebuilt when it fills.
             cache = _SERIES[sample_name] = {}
+        get = cache.get
         for values, v in fam.rows:
-            head = cache.get(values)
+            head = get(values)
             if head is None:
-                if values:
-                    lab = ",".join(f'{k}="{_escape_label(lv)}"' for k, lv in zip(labelnames, values, strict=True))
-                    head = f"{sample_name}{{{lab}}} "
-                else:
-                    head = sample_name + " "
-                cache[values] = head
-            out.append(f"{head}{_format_value(v)}\n")
+                head = cache[values] = _series_head(sample_name, labelnames, values)
+            # repr() for finite values (v - v is NaN for NaN and the infinities), without a call per sample.
+            out.append(f"{head}{repr(v) if v - v == 0 else _format_value(v)}\n")
     return "".join(out).encode()
 
 

@@ -16,6 +16,12 @@ per (file, error) and is counted in ``gpufleet_exporter_rdma_read_errors_total``
 ``N/A`` values and files a device simply does not have are not errors. Nothing
 here raises out of ``collect`` for a single bad device.
 
+Cost: a node with 8 HCAs has ~500 sysfs files to read per collection. What
+rarely changes (device identity, each port's link layer and netdev, the list of
+counter files) is read at a rescan, every ``--collector.rdma.rescan-interval``
+(1m) and at once for a new device, after a failed read or when a listed counter
+file vanishes; state, phys_state, rate and every counter are read each time.
+
 Link flaps: ``rdma_port_state_changes_total`` counts how often the collector
 saw a port's state id change between two collections. A flap that goes down
 and up again between two samples is invisible to it; the hardware's own
@@ -27,12 +33,16 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import re
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from exporters.cli import duration
 from exporters.collector import Collector, CollectorError, MetricSpec, SampleBuilder
 
 log = logging.getLogger("gpufleet.collector.rdma")
@@ -231,6 +241,23 @@ def _listdir(path: str) -> list[str] | None:
         return None
 
 
+@dataclass
+class _PortLayout:
+    port: str
+    path: str
+    link_layer: str
+    netdev: str
+    pma: list[tuple[str, str]]  # (file, the counters/ name it sets)
+    hw: list[tuple[str, str]]  # (file, hw_counters/ name)
+
+
+@dataclass
+class _DeviceLayout:
+    info: tuple[str, ...]  # INFO_FILES
+    ports: list[_PortLayout]
+    scanned: float  # time.monotonic(); -inf: scan again next collection
+
+
 class RdmaCollector(Collector):
     name = "rdma"
     specs = SPECS
@@ -241,6 +268,7 @@ class RdmaCollector(Collector):
         *,
         device_include: str | re.Pattern[str] | None = None,
         device_exclude: str | re.Pattern[str] | None = None,
+        rescan_interval: float = 60.0,
         logger: logging.Logger | None = None,
     ):
         self.root = os.path.join(sysfs, "class", "infiniband")
@@ -252,6 +280,8 @@ class RdmaCollector(Collector):
         self._last_state: dict[tuple[str, str], int] = {}
         self._state_changes: dict[tuple[str, str], int] = {}
         self._devices_seen = 0
+        self.rescan_interval = rescan_interval
+        self._layouts: dict[str, _DeviceLayout] = {}
 
     def status(self) -> str:
         return f"{self._devices_seen} RDMA devices under {self.root}"
@@ -283,8 +313,9 @@ class RdmaCollector(Collector):
     def _read_int(self, device: str, path: str) -> int | None:
         """A counter file: an integer, None for N/A or when unreadable (counted)."""
         text = self._read(device, path, missing_ok=False)
-        if text is None:
-            return None
+        return None if text is None else self._int(device, path, text)
+
+    def _int(self, device: str, path: str, text: str) -> int | None:
         if text.isdigit() and text.isascii():
             return int(text)
         if text.startswith(_NA):
@@ -312,9 +343,15 @@ class RdmaCollector(Collector):
             raise CollectorError(f"cannot list {self.root}: {_errname(exc)}") from None
         devices = sorted(d for d in names if self._wanted(d))
         self._devices_seen = len(devices)
+        now = time.monotonic()
+        for gone in self._layouts.keys() - set(devices):
+            del self._layouts[gone]
         for device in devices:
             self._read_errors.setdefault(device, 0)
-            self._collect_device(b, device)
+            layout = self._layouts.get(device)
+            if layout is None or now - layout.scanned >= self.rescan_interval:
+                layout = self._scan(device, now)
+            self._collect_device(b, device, layout)
         present = set(devices)
         for (device, port), n in sorted(self._state_changes.items()):
             if device in present:
@@ -323,20 +360,26 @@ class RdmaCollector(Collector):
             b.add("gpufleet_exporter_rdma_read_errors_total", (device,), self._read_errors[device])
         return b.families()
 
-    def _collect_device(self, b: SampleBuilder, device: str) -> None:
+    # -- layout: what rarely changes, re-read every rescan interval ------------------
+    def _scan(self, device: str, now: float) -> _DeviceLayout:
+        """Read a device's identity, its ports' link layer and netdev, and list its counter files.
+
+        Kept for ``rescan_interval`` seconds, unless a read failed (then it is
+        scanned again next time, so a transient error neither sticks nor goes
+        uncounted) or a listed counter file vanishes (a driver reload).
+        """
+        errors_before = self._read_errors[device]
         ddir = os.path.join(self.root, device)
-        info = [self._read(device, os.path.join(ddir, f)) or "" for f in INFO_FILES]
-        b.add("rdma_device_info", (device, *info), 1)
+        info = tuple(self._read(device, os.path.join(ddir, f)) or "" for f in INFO_FILES)
+        ports: list[_PortLayout] = []
         pdir = os.path.join(ddir, "ports")
         try:
-            ports = _listdir(pdir)
+            port_names = _listdir(pdir) or []
         except OSError as exc:
             self._error(device, pdir, _errname(exc))
-            return
-        if not ports:
-            return
+            port_names = []
         net_ports: dict[str, str] | None = None
-        for port in sorted((p for p in ports if p.isdigit()), key=int):
+        for port in sorted((p for p in port_names if p.isdigit()), key=int):
             pp = os.path.join(pdir, port)
             link_layer = self._read(device, os.path.join(pp, "link_layer")) or ""
             # IB GIDs have no netdev behind them (reads fail with EINVAL): skip straight to net/.
@@ -345,11 +388,27 @@ class RdmaCollector(Collector):
                 if net_ports is None:
                     net_ports = self._device_netdevs(ddir)
                 netdev = net_ports.get(port, "")
-            b.add("rdma_port_info", (device, port, link_layer, netdev), 1)
-            self._collect_port(b, device, port, pp)
+            cdir, edir, hdir = (os.path.join(pp, d) for d in ("counters", "counters_ext", "hw_counters"))
+            # counters_ext/ after counters/: the 64-bit value wins over the saturating 32-bit one.
+            pma = [(os.path.join(cdir, f), f) for f in sorted(self._names(device, cdir)) if f in PMA_COUNTERS]
+            pma += [(os.path.join(edir, f), PMA_EXT_COUNTERS[f]) for f in sorted(self._names(device, edir))
+                    if f in PMA_EXT_COUNTERS]
+            hw = [(os.path.join(hdir, f), f) for f in sorted(self._names(device, hdir)) if f not in HW_NOT_COUNTERS]
+            ports.append(_PortLayout(port, pp, link_layer, netdev, pma, hw))
+        scanned = now if self._read_errors[device] == errors_before else -math.inf
+        layout = self._layouts[device] = _DeviceLayout(info, ports, scanned)
+        return layout
 
-    def _collect_port(self, b: SampleBuilder, device: str, port: str, pp: str) -> None:
-        labels = (device, port)
+    # -- collection ------------------------------------------------------------------
+    def _collect_device(self, b: SampleBuilder, device: str, layout: _DeviceLayout) -> None:
+        b.add("rdma_device_info", (device, *layout.info), 1)
+        for p in layout.ports:
+            b.add("rdma_port_info", (device, p.port, p.link_layer, p.netdev), 1)
+            self._collect_port(b, device, p)
+
+    def _collect_port(self, b: SampleBuilder, device: str, p: _PortLayout) -> None:
+        labels = (device, p.port)
+        pp = p.path
 
         state = self._state(device, os.path.join(pp, "state"))
         phys = self._state(device, os.path.join(pp, "phys_state"))
@@ -364,7 +423,7 @@ class RdmaCollector(Collector):
         if phys is not None:
             b.add("rdma_port_physical_state", labels, phys[0])
         if state is not None or phys is not None:
-            b.add("rdma_port_state_info", (device, port, state[1] if state else "", phys[1] if phys else ""), 1)
+            b.add("rdma_port_state_info", (device, p.port, state[1] if state else "", phys[1] if phys else ""), 1)
 
         rate_path = os.path.join(pp, "rate")
         rate_text = self._read(device, rate_path)
@@ -375,8 +434,41 @@ class RdmaCollector(Collector):
             else:
                 b.add("rdma_port_rate_bytes_per_second", labels, rate)
 
-        self._pma_counters(b, device, labels, pp)
-        self._hw_counters(b, device, labels, pp)
+        values: dict[str, int] = {}
+        for path, f in p.pma:
+            v = self._counter(device, path)
+            if v is not None:
+                values[f] = v
+        for f, v in values.items():
+            metric, scale = PMA_COUNTERS[f]
+            b.add(metric, labels, v * scale)
+        events = None
+        for path, f in p.hw:
+            v = self._counter(device, path)
+            if v is None:
+                continue
+            named = HW_COUNTERS.get(f)
+            if named is not None:
+                b.rows(named[0]).append((labels, float(v)))
+            else:
+                if events is None:
+                    events = b.rows("rdma_port_hw_events_total")
+                events.append(((*labels, f), float(v)))
+
+    def _counter(self, device: str, path: str) -> int | None:
+        """A counter file from the layout (read every collection, so without ``_read``'s layers)."""
+        try:
+            text = _read_file(path).strip()
+        except FileNotFoundError:
+            self._layouts.pop(device, None)  # the layout is stale (driver reload?): rescan next time
+            self._error(device, path, "ENOENT")
+            return None
+        except OSError as exc:
+            self._error(device, path, _errname(exc))
+            return None
+        if text.isdigit() and text.isascii():
+            return int(text)
+        return self._int(device, path, text)
 
     def _state(self, device: str, path: str) -> tuple[int, str] | None:
         text = self._read(device, path)
@@ -386,39 +478,6 @@ class RdmaCollector(Collector):
         if parsed is None:
             self._error(device, path, "unparseable")
         return parsed
-
-    def _pma_counters(self, b: SampleBuilder, device: str, labels: tuple[str, str], pp: str) -> None:
-        values: dict[str, int] = {}
-        cdir = os.path.join(pp, "counters")
-        for f in self._names(device, cdir):
-            if f in PMA_COUNTERS:
-                v = self._read_int(device, os.path.join(cdir, f))
-                if v is not None:
-                    values[f] = v
-        edir = os.path.join(pp, "counters_ext")
-        for f in self._names(device, edir):
-            base = PMA_EXT_COUNTERS.get(f)
-            if base is not None:
-                v = self._read_int(device, os.path.join(edir, f))
-                if v is not None:  # the 64-bit value wins over the saturating 32-bit one
-                    values[base] = v
-        for f, v in values.items():
-            metric, scale = PMA_COUNTERS[f]
-            b.add(metric, labels, v * scale)
-
-    def _hw_counters(self, b: SampleBuilder, device: str, labels: tuple[str, str], pp: str) -> None:
-        hdir = os.path.join(pp, "hw_counters")
-        for f in sorted(self._names(device, hdir)):
-            if f in HW_NOT_COUNTERS:
-                continue
-            v = self._read_int(device, os.path.join(hdir, f))
-            if v is None:
-                continue
-            named = HW_COUNTERS.get(f)
-            if named is not None:
-                b.add(named[0], labels, v)
-            else:
-                b.add("rdma_port_hw_events_total", (*labels, f), v)
 
     def _names(self, device: str, path: str) -> Iterable[str]:
         try:
@@ -484,6 +543,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--collector.rdma.device-exclude", dest="rdma_device_exclude", type=_regex, default=None,
                    metavar="REGEX",
                    help="Do not report RDMA devices whose name fully matches (applied after the include).")
+    g.add_argument("--collector.rdma.rescan-interval", dest="rdma_rescan_interval", type=duration, default=60.0,
+                   metavar="DURATION",
+                   help="How often to re-read what rarely changes: device identity (fw_ver, board_id, ...), each "
+                        "port's link layer and netdev, and the list of counter files (default 1m; 0 = every "
+                        "collection). A new device, a failed read or a vanished counter file rescans at once. "
+                        "State, rate and counters are read every collection.")
 
 
 def create(args: argparse.Namespace) -> RdmaCollector:
@@ -491,4 +556,5 @@ def create(args: argparse.Namespace) -> RdmaCollector:
         sysfs=args.sysfs,
         device_include=getattr(args, "rdma_device_include", None),
         device_exclude=getattr(args, "rdma_device_exclude", None),
+        rescan_interval=getattr(args, "rdma_rescan_interval", 60.0),
     )

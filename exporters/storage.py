@@ -442,7 +442,8 @@ class StorageCollector(Collector):
         if problems:
             self._problem("mountstats", path, problems[0], len(problems))
         chosen = select_nfs(nfs, mounts, self.rootfs, self.filters)
-        op_rows = [(b.rows(name), i, scale) for name, i, scale in NFS_OP_FIELDS]
+        op_rows9 = [(b.rows(name), i, scale) for name, i, scale in NFS_OP_FIELDS]
+        op_rows8 = op_rows9[:8]
         for lab, n in chosen:
             lab = tuple(map(str, lab))
             if n.bytes is not None:
@@ -455,14 +456,14 @@ class StorageCollector(Collector):
                 b.add("storage_nfs_server_write_bytes_total", lab, by[5])
             retrans = 0
             for op, v in n.ops.items():
-                retrans += max(0, v[1] - v[0])
                 if not any(v):
                     continue
+                if v[1] > v[0]:
+                    retrans += v[1] - v[0]
                 ol = (*lab, op)
                 # One row per field of the per-op line (mountstats times are milliseconds).
-                for rows, i, scale in op_rows:
-                    if i < len(v):
-                        rows.append((ol, v[i] * scale))
+                for rows, i, scale in op_rows9 if len(v) == 9 else op_rows8:
+                    rows.append((ol, v[i] * scale))
             if n.ops:
                 b.add("storage_nfs_retransmissions_total", lab, retrans)
             if n.xprt is not None:

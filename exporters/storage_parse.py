@@ -112,6 +112,9 @@ class NfsMount:
     ops: dict[str, tuple[int, ...]] = field(default_factory=dict)  # 8 fields, 9 with errors
 
 
+_IDLE_OPS = {b" " + b" ".join([b"0"] * n): (0,) * n for n in (8, 9)}
+
+
 def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
     mounts: list[NfsMount] = []
     problems: list[str] = []
@@ -130,6 +133,21 @@ def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
         mounts.append(cur)
 
     for n, raw in enumerate(data.splitlines(), 1):
+        if in_ops:
+            # Per-op lines are most of the file: take the well-formed ones here, anything else
+            # (a device line, a malformed line) goes the general way below.
+            key, sep, rest = raw.partition(b":")
+            if sep:
+                values = _IDLE_OPS.get(rest)
+                if values is None:
+                    try:
+                        values = tuple(map(int, rest.split()))
+                    except ValueError:
+                        values = ()
+                key = key.strip()
+                if len(values) in (8, 9) and key and b" " not in key and key.isascii():
+                    cur.ops[key.decode("ascii")] = values  # type: ignore[union-attr] - in_ops implies cur
+                    continue
         if raw.startswith(b"device "):
             finish()
             cur, rpc_version, opts_proto, in_ops = None, "", "", False
@@ -153,7 +171,8 @@ def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
         key, _, rest = line.partition(b":")
         try:
             if in_ops:
-                values = tuple(map(int, rest.split()))
+                # Most operations of a mount are never used: their lines are all zeros.
+                values = _IDLE_OPS.get(rest) or tuple(map(int, rest.split()))
                 if len(values) not in (8, 9) or not key or b" " in key:
                     raise ValueError(f"expected 8 or 9 values, got {len(values)}")
                 cur.ops[key.decode("ascii")] = values

@@ -411,6 +411,48 @@ def test_state_changes_between_collections_count_link_flaps(tmp_path):
     assert value(parse(render(c.collect())), "rdma_port_state_changes_total", device="mlx5_4", port="1") == 0
 
 
+# -- layout cache: identity and file lists are rescanned, counters read every time ---------------------
+
+
+def test_identity_and_counter_files_are_rescanned_per_interval_counters_every_collection(tmp_path, monkeypatch):
+    sysfs = copy_tree(tmp_path)
+    dev = sysfs / "class/infiniband/mlx5_4"
+    clock = [1000.0]
+    monkeypatch.setattr(rdma.time, "monotonic", lambda: clock[0])
+    c = RdmaCollector(str(sysfs), rescan_interval=60.0)
+    lab = {"device": "mlx5_4", "port": "1"}
+    c.collect()
+    (dev / "fw_ver").write_text("99.99.9999\n")
+    (dev / "ports/1/hw_counters/brand_new_counter").write_text("7\n")
+    (dev / "ports/1/counters/link_downed").write_text("5\n")
+    (dev / "ports/1/state").write_text("1: DOWN\n")
+    m = parse(render(c.collect()))
+    # counters and state: read every collection
+    assert value(m, "rdma_port_link_downed_total", **lab) == 5
+    assert value(m, "rdma_port_state", **lab) == 1
+    # identity and the file list: not before the rescan interval
+    assert [lab_["fw_ver"] for lab_, _ in m["rdma_device_info"] if lab_["device"] == "mlx5_4"] != ["99.99.9999"]
+    assert not [s for s in m["rdma_port_hw_events_total"] if s[0]["counter"] == "brand_new_counter"]
+    clock[0] += 60.0
+    m = parse(render(c.collect()))
+    assert value(m, "rdma_device_info", device="mlx5_4", fw_ver="99.99.9999") == 1
+    assert value(m, "rdma_port_hw_events_total", counter="brand_new_counter", **lab) == 7
+
+
+def test_a_vanished_counter_file_is_counted_once_and_forces_a_rescan(tmp_path):
+    sysfs = copy_tree(tmp_path)
+    c = RdmaCollector(str(sysfs), rescan_interval=3600.0)
+    lab = {"device": "mlx5_4", "port": "1"}
+    assert value(parse(render(c.collect())), "rdma_port_link_downed_total", **lab) == 2
+    (sysfs / "class/infiniband/mlx5_4/ports/1/counters/link_downed").unlink()
+    m = parse(render(c.collect()))
+    assert "rdma_port_link_downed_total" not in names_with(m, "mlx5_4")
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 1
+    m = parse(render(c.collect()))  # rescanned: the file is no longer listed, so no new error
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 1
+    assert value(m, "rdma_port_symbol_errors_total", **lab) >= 0
+
+
 # -- include / exclude ----------------------------------------------------------------------------------
 
 
