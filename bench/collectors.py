@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import random
 import shutil
 import signal
@@ -160,8 +161,10 @@ def collect_bench(tmp: Path, runs: int) -> dict[str, Any]:
     args = build_parser().parse_args(agent_args(tmp))
     rd, st = rdma.create(args), storage.create(args)
     parts: dict[str, list[float]] = {"total": [], "rdma": [], "storage": [], "render": []}
+    cpu: list[float] = []
     try:
         for i in range(20 + runs):  # the first 20 are warm-up (statfs threads, caches)
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fams = rd.collect()
             t1 = time.perf_counter()
@@ -169,6 +172,8 @@ def collect_bench(tmp: Path, runs: int) -> dict[str, Any]:
             t2 = time.perf_counter()
             body = render(fams)
             t3 = time.perf_counter()
+            if i >= 20:
+                cpu.append((time.process_time() - c0) * 1e3)
             for k, ms in zip(parts, (t3 - t0, t1 - t0, t2 - t1, t3 - t2), strict=True):
                 parts[k] += [ms * 1e3] if i >= 20 else []
     finally:
@@ -176,6 +181,8 @@ def collect_bench(tmp: Path, runs: int) -> dict[str, Any]:
         st.close()
     return {**summary(parts.pop("total"), body, TARGET_COLLECT_MS), "runs": runs,
             "status": f"{rd.status()}; {st.status()}",
+            "cpu_p50_ms": round(statistics.median(cpu), 3),
+            "cpu_p99_ms": round(statistics.quantiles(cpu, n=100, method="inclusive")[98], 3),
             "median_ms_by_part": {k: round(statistics.median(v), 3) for k, v in parts.items()}}
 
 
@@ -205,8 +212,11 @@ def scrape_bench(tmp: Path, scrapes: int) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
     c, s = r["collect"], r["scrape"]
+    print(f"host: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in r['loadavg'])} at start")
     print(f"rdma + storage collection, in-process ({c['runs']} runs; {c['status']})")
     print(f"  collect+render   {LATENCY.format(**c)}")
+    print(f"  cpu time         p50 {c['cpu_p50_ms']:7.3f} ms   p99 {c['cpu_p99_ms']:7.3f} ms   (the process, all "
+          "threads; near the wall time: the spread is the host's, not waits)")
     print("  median by part   " + ", ".join(f"{k} {v:.3f} ms" for k, v in c["median_ms_by_part"].items()))
     print(f"  per collection   {SERIES.format(**c)}")
     print(f"agent, all collectors, sim 8 GPUs ({s['scrapes']} sequential scrapes, keep-alive, gzip)")
@@ -228,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as d:
             tmp, rng = Path(d), random.Random(42)
+            loadavg = os.getloadavg()
             build_rdma(tmp / "sys", rng)
             build_storage(tmp, rng)
-            r: dict[str, Any] = {"collect": collect_bench(tmp, args.runs), "scrape": scrape_bench(tmp, args.scrapes)}
+            r: dict[str, Any] = {"loadavg": loadavg, "collect": collect_bench(tmp, args.runs),
+                                 "scrape": scrape_bench(tmp, args.scrapes)}
     except KeyboardInterrupt:
         print("interrupted; agent stopped, temp files removed", file=sys.stderr)
         return 130
