@@ -18,6 +18,7 @@ import yaml
 
 from exporters import metricsdoc
 from tests.conftest import REPO, need_binary
+from tests.promql_names import selectors
 
 RULES = sorted((REPO / "alerts" / "rules").glob("*.yml"))
 TESTS = sorted((REPO / "alerts" / "tests").glob("*.yml"))
@@ -45,26 +46,6 @@ def load_rules() -> list[tuple[Path, dict]]:
 ALL = load_rules()
 ALERTS = [(p, r) for p, r in ALL if "alert" in r]
 RECORDS = [(p, r) for p, r in ALL if "record" in r]
-
-
-def selectors(node) -> set[str]:
-    """Metric names read by a parsed PromQL expression."""
-    names: set[str] = set()
-    if isinstance(node, promql_parser.VectorSelector):
-        if node.name:
-            names.add(node.name)
-        else:
-            for m in node.matchers.matchers:
-                if m.name == "__name__":
-                    names.add(m.value)
-        return names
-    for attr in ("lhs", "rhs", "expr", "vector_selector", "param"):
-        child = getattr(node, attr, None)
-        if child is not None and not isinstance(child, str | int | float):
-            names |= selectors(child)
-    for arg in getattr(node, "args", None) or []:
-        names |= selectors(arg)
-    return names
 
 
 def test_rule_files_exist_for_every_domain():
