@@ -19,14 +19,26 @@ Two sources, combined per GPU:
   prolog and removed by the epilog in ``scripts/slurm/``. They attribute GPUs
   that a job was allocated but runs nothing on, which is exactly the waste
   dashboards want to see.
+* **The kubelet's pod-resources API** (``--collector.jobs.pod-resources-socket``,
+  exporters/podresources.py): which pod (namespace, name) each GPU was allocated to by
+  the NVIDIA device plugin. It names the pods behind ``pod:<uid>`` jobs and attributes
+  GPUs a pod holds but runs nothing on, the Kubernetes twin of the mapping files.
 
 Label decisions (docs/metrics.md repeats them):
 
-* ``gpu_job_info{gpu,uuid,job_id,user,source}`` has one series per (GPU, job).
-  ``source`` says how the job was found, the most direct evidence winning when
-  several agree: ``cgroup`` (Slurm cgroup), ``kubernetes`` (pod cgroup),
-  ``environ`` (``SLURM_JOB_ID`` of the process), ``mapping`` (prolog file only:
-  allocated, nothing running).
+* ``gpu_job_info{gpu,uuid,job_id,user,source,namespace,pod}`` has one series per
+  (GPU, job). ``source`` says how the job was found, the most direct evidence winning
+  when several agree: ``cgroup`` (Slurm cgroup), ``kubernetes`` (pod cgroup),
+  ``environ`` (``SLURM_JOB_ID`` of the process), ``pod-resources`` (the kubelet
+  allocated the GPU to the pod, none of its processes runs on it), ``mapping``
+  (prolog file only: allocated, nothing running).
+* ``namespace`` and ``pod`` name a pod's job (empty for Slurm jobs, and for a pod whose
+  name is not known: no pod-resources socket, or an ambiguous match). The kubelet's API
+  gives names, the cgroup gives the UID; a UID is linked to the pod that was allocated
+  every GPU its processes run on (after removing pods already linked to other UIDs),
+  and the link is kept while that pod holds a GPU. A pod known only from the kubelet
+  (it runs nothing on any GPU, and never did while the agent watched) has the job id
+  ``pod:<namespace>/<name>``, since the kubelet does not tell its UID.
 * A Slurm job's ``job_id`` is its numeric id as ``squeue`` prints it in ``%A``
   (the same value ``slurm_job_info{job_id}`` carries). A pod's ``job_id`` is
   ``pod:<pod uid>`` so that it can never collide with a Slurm id in
@@ -66,6 +78,7 @@ from typing import Any
 import pynvml
 
 from exporters.collector import Collector, CollectorError, MetricSpec
+from exporters.podresources import PodRef, PodResourcesError, gpu_pods
 from exporters.progress import JOB_ID_RE  # one definition of a label-safe job id
 
 log = logging.getLogger("gpufleet.collector.jobs")
@@ -81,9 +94,12 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "gpu_job_info", "gauge",
         "The job that holds the GPU, value 1, one series per (GPU, job). job_id: the Slurm job id, or "
-        "pod:<uid> for a Kubernetes pod. source: cgroup|kubernetes|environ (a process of the job runs on the "
-        "GPU) or mapping (allocated by the prolog's mapping file, nothing running). Join on uuid.",
-        GPU + ("job_id", "user", "source"),
+        "pod:<uid> for a Kubernetes pod (pod:<namespace>/<name> when only the kubelet's allocation names it). "
+        "source: cgroup|kubernetes|environ (a process of the job runs on the GPU), pod-resources (allocated to "
+        "the pod by the kubelet, nothing of it running) or mapping (allocated by the prolog's mapping file, nothing "
+        "running). namespace, pod: the pod's, from the kubelet's pod-resources API (empty otherwise). Join on "
+        "uuid.",
+        GPU + ("job_id", "user", "source", "namespace", "pod"),
     ),
     MetricSpec(
         "gpu_process_memory_used_bytes", "gauge",
@@ -99,14 +115,15 @@ SPECS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "gpufleet_exporter_jobs_read_errors_total", "counter",
-        "Files the jobs collector could not use, by file (cgroup, environ, status, mapping) and error "
-        "(errno name, vanished, too_large, invalid, timeout).",
+        "Files the jobs collector could not use, by file (cgroup, environ, status, mapping, pod-resources) and "
+        "error (errno name, vanished, too_large, invalid, timeout; for pod-resources the gRPC status, e.g. "
+        "UNAVAILABLE).",
         ("file", "error"),
     ),
 )
 
 # Priority of the evidence: lower wins when a job is found several ways on one GPU.
-SOURCES = ("cgroup", "kubernetes", "environ", "mapping")
+SOURCES = ("cgroup", "kubernetes", "environ", "pod-resources", "mapping")
 _RANK = {s: i for i, s in enumerate(SOURCES)}
 
 _SLURM_CGROUP = re.compile(r"(?:^|/)slurm[^/]*/(?:uid_(\d{1,10})/)?job_(\d{1,20})(?:/|$)")
@@ -122,6 +139,7 @@ MAPPING_LIMIT = 64 * 1024
 MAX_MAPPING_FILES = 1024
 MAX_JOBS_PER_GPU = 64
 MAX_STUCK_READERS = 4
+MAX_POD_LINKS = 4096
 USER_CACHE_SIZE = 4096
 
 
@@ -276,6 +294,8 @@ class _JobOnGpu:
     user: str
     memory: float = 0.0
     memory_known: bool = False
+    namespace: str = ""
+    pod: str = ""
 
 
 @dataclass
@@ -300,6 +320,7 @@ class JobsCollector(Collector):
         mapping_dir: str = DEFAULT_MAPPING_DIR,
         read_environ: bool = True,
         environ_timeout: float = 1.0,
+        pod_resources: Any = None,
         logger: logging.Logger | None = None,
     ):
         self.nvml = nvml
@@ -314,6 +335,11 @@ class JobsCollector(Collector):
         self._errors: dict[tuple[str, str], int] = {}
         self._users: dict[int, str] = {}
         self._stuck: dict[int, threading.Thread] = {}  # pid -> reader blocked on its environ
+        # The kubelet's pod-resources client (exporters.podresources.PodResourcesClient or
+        # anything with list()/close()), and pod:<uid> job ids linked to the pod they are.
+        self.pod_resources = pod_resources
+        self._pod_links: dict[str, PodRef] = {}
+        self._pod_summary = ""
         self._last_summary = "not collected yet"
 
     # -- helpers ---------------------------------------------------------------------
@@ -590,6 +616,8 @@ class JobsCollector(Collector):
                 if used is not None:
                     j.memory += used
                     j.memory_known = True
+        if self.pod_resources is not None:
+            self._attribute_pods(gpus)
         for g in gpus:
             for job_id in mapping.get(g.index, []):
                 if job_id not in g.jobs:
@@ -604,7 +632,7 @@ class JobsCollector(Collector):
             gl = (str(g.index), g.uuid)
             for job_id in sorted(g.jobs):
                 j = g.jobs[job_id]
-                b.add("gpu_job_info", gl + (job_id, j.user, j.source), 1)
+                b.add("gpu_job_info", gl + (job_id, j.user, j.source, j.namespace, j.pod), 1)
                 if j.memory_known:
                     b.add("gpu_process_memory_used_bytes", gl + (job_id,), j.memory)
             if g.processes is not None:
@@ -616,11 +644,88 @@ class JobsCollector(Collector):
         return b.families()
 
     def status(self) -> str:
-        return f"{self._last_summary}; mapping dir {self.mapping_dir}"
+        return f"{self._last_summary}; mapping dir {self.mapping_dir}{self._pod_summary}"
 
     def close(self) -> None:
         if self._initialized:
             self._reinit_later()
+        if self.pod_resources is not None:
+            self.pod_resources.close()
+
+    # -- Kubernetes pods ----------------------------------------------------------------
+    def _list_pod_gpus(self) -> dict[str, set[PodRef]] | None:
+        """GPU key -> pods from the kubelet, or None when it cannot be asked (counted, logged once
+        per error; attribution then rests on the cgroups and the links already made)."""
+        try:
+            resp = self.pod_resources.list()
+        except PodResourcesError as exc:
+            self._count("pod-resources", exc.code)
+            self._once(("pod-resources", exc.code), logging.WARNING,
+                       "cannot list the kubelet's pod resources; pods named from earlier links only",
+                       error=str(exc))
+            self._pod_summary = f"; pod-resources: {exc.code}"
+            return None
+        self._logged = {k for k in self._logged if k[0] != "pod-resources"}
+        found = gpu_pods(resp)
+        self._pod_summary = f"; pod-resources: {len(resp.pod_resources)} pods, {len(found)} GPUs allocated"
+        return found
+
+    def _attribute_pods(self, gpus: list[_GpuView]) -> None:
+        """Name the pods behind pod:<uid> jobs and add the GPUs pods hold but run nothing on."""
+        found = self._list_pod_gpus()
+        if found is not None:
+            alloc: dict[int, set[PodRef]] = {}
+            for g in gpus:
+                pods = found.get(f"uuid:{g.uuid.lower()}", set()) | found.get(f"index:{g.index}", set())
+                if pods:
+                    alloc[g.index] = pods
+            self._link_pods(gpus, alloc, set().union(*found.values()) if found else set())
+        else:
+            alloc = {}
+        by_pod = {ref: job_id for job_id, ref in self._pod_links.items()}
+        for g in gpus:
+            for job_id, j in g.jobs.items():
+                ref = self._pod_links.get(job_id) if j.source == "kubernetes" else None
+                if ref is not None:
+                    j.namespace, j.pod = ref.namespace, ref.name
+            for ref in sorted(alloc.get(g.index, ()), key=lambda r: (r.namespace, r.name)):
+                job_id = by_pod.get(ref) or f"pod:{ref.namespace}/{ref.name}"
+                if job_id not in g.jobs and len(g.jobs) < MAX_JOBS_PER_GPU:
+                    # 0 bytes is a fact only when every process on the GPU is accounted for.
+                    idle = g.processes is not None and g.unattributed == 0
+                    g.jobs[job_id] = _JobOnGpu("pod-resources", "", 0.0, idle, ref.namespace, ref.name)
+
+    def _link_pods(self, gpus: list[_GpuView], alloc: dict[int, set[PodRef]], live: set[PodRef]) -> None:
+        """pod:<uid> -> the one pod allocated every GPU the UID's processes run on."""
+        candidates: dict[str, set[PodRef]] = {}
+        for g in gpus:
+            for job_id, j in g.jobs.items():
+                if j.source == "kubernetes":
+                    here = alloc.get(g.index, set())
+                    candidates[job_id] = candidates[job_id] & here if job_id in candidates else set(here)
+        links = {k: v for k, v in self._pod_links.items() if v in live}  # a pod that left forgets its UID
+        for _ in range(len(candidates) + 1):  # each round links at least one more UID, or stops
+            claims: dict[PodRef, list[str]] = {}
+            for job_id, cands in sorted(candidates.items()):
+                # Pods linked to other UIDs running now are out; a link of a UID that runs
+                # nothing now is not evidence against a new UID (the pod may be recreated).
+                taken = {ref for other, ref in links.items() if other != job_id and other in candidates}
+                rest = cands - taken
+                if len(rest) == 1:
+                    claims.setdefault(next(iter(rest)), []).append(job_id)
+            changed = False
+            for ref, ids in claims.items():
+                if len(ids) == 1 and links.get(ids[0]) != ref:  # two UIDs claiming one pod: neither
+                    # A name belongs to one pod at a time: a recreated pod (same name, new
+                    # UID) takes the name from the UID that held it.
+                    links = {k: v for k, v in links.items() if v != ref}
+                    links[ids[0]] = ref
+                    changed = True
+            if not changed:
+                break
+        if len(links) > MAX_POD_LINKS:
+            links = dict(list(links.items())[-MAX_POD_LINKS:])
+        self._pod_links = links
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -633,14 +738,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=True,
                    help="Read SLURM_JOB_ID from <procfs>/<pid>/environ of GPU processes whose cgroup names no "
                         "job (Slurm without cgroup plugins). Only that variable is used, never logged.")
+    g.add_argument("--collector.jobs.pod-resources-socket", dest="jobs_pod_resources_socket", default="",
+                   metavar="PATH",
+                   help="The kubelet's pod-resources gRPC socket (usually /var/lib/kubelet/pod-resources/"
+                        "kubelet.sock, mounted into the agent's pod): names the pod (namespace, pod labels of "
+                        "gpu_job_info) that holds each GPU, also when it runs nothing on it. Needs the kubelet "
+                        "extra (grpcio). Default: off.")
 
 
 def create(args: argparse.Namespace) -> JobsCollector:
     from exporters.gpu import nvml_for
 
+    pod_resources = None
+    socket = getattr(args, "jobs_pod_resources_socket", "")
+    if socket:
+        from exporters.podresources import PodResourcesClient
+
+        try:
+            pod_resources = PodResourcesClient(socket)
+        except PodResourcesError as exc:
+            raise ValueError(f"--collector.jobs.pod-resources-socket: {exc}") from None
     return JobsCollector(
         nvml_for(args),
         procfs=args.procfs,
         mapping_dir=getattr(args, "jobs_mapping_dir", DEFAULT_MAPPING_DIR),
         read_environ=getattr(args, "jobs_read_environ", True),
+        pod_resources=pod_resources,
     )

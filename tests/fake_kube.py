@@ -25,6 +25,10 @@ pretending:
 
 Every request is recorded (method, path, query, content type, body) and mapped to
 the (resource, verb) pair the API server's authorizer would check, for RBAC tests.
+With ``grants`` set (e.g. ``role_grants(cluster_role)`` from the shipped manifests) the
+fake also authorizes like the RBAC authorizer: a request whose (resource, verb) no rule
+grants is answered 403 ``Forbidden`` with the API server's message, and recorded in
+``denied``.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class FakeKube:
     pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)
+    # RBAC: None lets everything through; a set of (resource, verb) enforces exactly that.
+    grants: set[tuple[str, str]] | None = None
+    user: str = "system:serviceaccount:gpufleet:gpufleet-remediation"
+    denied: list[Request] = field(default_factory=list)
     # Called as on_patch(fake, node_name) before a PATCH is applied: another writer
     # changing the node between the client's read and its patch.
     on_patch: Callable[[FakeKube, str], None] | None = None
@@ -215,6 +223,9 @@ class FakeKube:
             self.requests.append(req)
             if self.token and headers.get("authorization") != f"Bearer {self.token}":
                 return 401, status_obj(401, "Unauthorized", "Unauthorized")
+            if self.grants is not None and (req.resource, req.verb) not in self.grants:
+                self.denied.append(req)
+                return 403, forbidden(self.user, req)
             return self._route(req)
 
     def _route(self, req: Request) -> tuple[int, dict]:
@@ -359,6 +370,39 @@ def status_obj(code: int, reason: str, message: str, *, name: str = "", kind: st
     if details:
         obj["details"] = details
     return obj
+
+
+def forbidden(user: str, req: Request) -> dict:
+    """The 403 Status the API server answers when RBAC grants nothing for the request."""
+    parts = [p for p in req.path.split("/") if p]
+    namespace = parts[3] if parts[2:3] == ["namespaces"] and len(parts) > 3 else ""
+    rest = parts[4:] if namespace else parts[2:]
+    name = rest[1] if len(rest) >= 2 else ""
+    resource, _, sub = req.resource.partition("/")
+    what = f'{resource} "{name}"' if name else resource
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    return status_obj(403, "Forbidden", f'{what} is forbidden: User "{user}" cannot {req.verb} resource '
+                      f'"{req.resource}" in API group "" {scope}', name=name, kind=resource)
+
+
+def role_grants(role: dict) -> set[tuple[str, str]]:
+    """(resource, verb) pairs a (Cluster)Role grants in the core API group, as the RBAC
+    authorizer reads its rules ("*" expanded over what the fake serves). Rules for other
+    API groups grant nothing here; ``resourceNames`` and ``nonResourceURLs`` are refused,
+    since the fake does not model them."""
+    served = {"nodes", "pods", "pods/eviction"}
+    verbs_all = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
+    out: set[tuple[str, str]] = set()
+    for rule in role.get("rules") or []:
+        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+            raise ValueError(f"rule not modelled by the fake: {rule}")
+        groups = rule.get("apiGroups") or []
+        if "" not in groups and "*" not in groups:
+            continue
+        resources = served if "*" in (rule.get("resources") or []) else set(rule.get("resources") or [])
+        verbs = verbs_all if "*" in (rule.get("verbs") or []) else set(rule.get("verbs") or [])
+        out |= {(r, v) for r in resources for v in verbs}
+    return out
 
 
 def authorizer_attributes(method: str, path: str, query: dict[str, list[str]]) -> tuple[str, str]:
