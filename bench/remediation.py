@@ -60,6 +60,7 @@ import json
 import os
 import queue
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -509,6 +510,7 @@ def print_table(o: dict[str, Any]) -> None:
           f"for someone else before the storm ({', '.join(f'{k} {v}' for k, v in before.items())})")
     print(f"  store          fresh SQLite file per run in {o['db_dir']} ({o['db_fs']}), journal_mode={r0['journal_mode']} "
           f"synchronous={r0['synchronous']}")
+    print(f"  memory         peak RSS of this process (engine, store, storm): {o['peak_rss_mib']} MiB")
     for r in o["runs"]:
         t = r["targets"]
         print(r["label"])
@@ -553,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--cap and --foreign-share must be between 0 and 1, --threads >= 1")
     try:
         result = run(args)
+        # The engine runs in this process: its peak RSS bounds what the storm costs the service's
+        # engine and store (the HTTP layer's own imports and buffers come on top).
+        result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
