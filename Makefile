@@ -23,8 +23,12 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m exporters.metricsdoc --check
 
+# Everything generated and committed: the metric catalogue, the dashboards' JSON, and the
+# Kubernetes objects derived from alerts/rules and dashboards/json (tests fail when stale).
 docs: venv
 	$(BIN)/python -m exporters.metricsdoc --write
+	$(BIN)/gpufleet dashboards build
+	$(BIN)/python deploy/kubernetes/generate.py
 
 test: setup lint
 	$(BIN)/pytest -q
@@ -32,7 +36,7 @@ test: setup lint
 	GPUFLEET_GPU_TESTS_BACKEND=sim $(BIN)/pytest -q tests/gpu
 
 demo: setup
-	@scripts/demo.sh
+	@scripts/demo.sh $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python bench/exporter.py

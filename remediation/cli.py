@@ -268,6 +268,8 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
 # ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status); it imports its
 # heavy dependencies inside ``run`` so that ``gpufleet --help`` stays fast.
 AREAS: dict[str, str] = {
+    "dashboards": "dashboards.cli",
+    "demo": "demo.cli",
 }
 
 

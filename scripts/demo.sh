@@ -1,24 +1,14 @@
 #!/usr/bin/env bash
-# Interim demo (until the full-stack demo lands): one simulator-backed node agent on
-# loopback, with a fault-injection file you can edit while it runs.
+# `make demo`: the whole gpufleet loop on this machine (docs/demo.md).
+# Real Slurm, Prometheus, Alertmanager and the remediation service on loopback,
+# simulator-backed node agents, a scripted fault scenario with a live timeline, then
+# the URLs until Ctrl-C. Arguments go to `gpufleet demo` (e.g. --once, --nodes 6);
+# `gpufleet demo --help` lists them. Without root or the Debian packages it says what
+# is missing and how to get it, and runs what it can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .tmp
-state=.tmp/demo-state.yaml
-[ -f "$state" ] || cat > "$state" <<'YAML'
-# Edit me while the agent runs (docs/simulator.md). For example, raise a Xid 79 on GPU 3:
-#   gpus: {"3": {xid: {"79": 1}}}
-gpus: {}
-YAML
-addr=${GPUFLEET_DEMO_ADDRESS:-127.0.0.1:9845}
-cat <<TXT
-gpufleet demo: a node agent with 8 simulated H100 GPUs.
-  metrics:      http://$addr/metrics
-  status page:  http://$addr/
-  fault file:   $state   (edit it; the agent re-reads it)
-  try:          echo 'gpus: {"3": {xid: {"79": 1}, lost: true}}' > $state
-                curl -s http://$addr/metrics | grep -E '^gpu_(up|xid)'
-Ctrl-C stops it.
-TXT
-exec .venv/bin/gpufleet-exporter --gpu.backend=sim --sim.state-file="$state" --gpu.expected-count=8 \
-  --gpu.dcgm-compat --collector.interval=1s --web.listen-address="$addr"
+if [ ! -x .venv/bin/gpufleet ]; then
+  echo "demo: .venv is missing; run: make setup" >&2
+  exit 1
+fi
+exec .venv/bin/gpufleet demo "$@"

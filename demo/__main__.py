@@ -1,0 +1,5 @@
+"""``python -m demo``: the same as ``gpufleet demo``."""
+
+from demo.cli import main
+
+raise SystemExit(main())
