@@ -6,7 +6,7 @@ What is measured, and how:
   partitions) arrive in ``--deliveries`` Alertmanager webhook payloads (version 4: receiver, status,
   groupKey, groupLabels, commonLabels, commonAnnotations, externalURL, truncatedAlerts, and alerts with
   labels, annotations, startsAt, endsAt, generatorURL, fingerprint). Deliveries are grouped by alertname
-  (what ``group_by: [alertname]`` sends; the shipped alerts/alertmanager.yml groups by alertname and node,
+  (what ``group_by: [alertname]`` sends; the shipped alerts/alertmanager.yml groups by alertname, cluster and node,
   which gives smaller deliveries) over the shipped GPU alerts that carry a ``remediation`` label. As
   Alertmanager does, each notification of a group carries the group's alerts again: about 45 % resends of
   still-firing alerts (same fingerprint and startsAt), 10 % resolutions (endsAt set), the rest new firings

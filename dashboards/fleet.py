@@ -41,7 +41,8 @@ from dashboards.helpers import (
 
 F = f"{CLUSTER}, {NODE}"
 BROKEN = 'state=~"drained|draining|down|fail"'
-ALERT_LABELS = "alertname, severity, domain, node, gpu, device, port, mountpoint, job_id, remediation"
+ALERT_LABELS = "alertname, severity, domain, cluster, node, gpu, device, port, mountpoint, job_id, remediation"
+FIRING = f'{CLUSTER}, alertstate="firing"'
 
 
 def xid_in_range(by: str, filters: str) -> str:
@@ -58,26 +59,26 @@ def build() -> Dashboard:
              "Expected: the agents' --gpu.expected-count, else Slurm's GRES count. Reporting: answering NVML. "
              "Healthy: reporting, with no row remap pending or failed, no page retirement pending and no "
              "uncorrectable ECC error since the driver loaded (recording rules node:gpus_*).",
-             [Query(f'sum(node:gpus_expected:sum{{{NODE}}})', "expected"),
-              Query(f'sum(node:gpus_reporting:count{{{NODE}}})', "reporting"),
-              Query(f'sum(node:gpus_healthy:count{{{NODE}}})', "healthy")],
+             [Query(f'sum(node:gpus_expected:sum{{{F}}})', "expected"),
+              Query(f'sum(node:gpus_reporting:count{{{F}}})', "reporting"),
+              Query(f'sum(node:gpus_healthy:count{{{F}}})', "healthy")],
              "none", width=6, thresholds=steps((None, BLUE)), color_mode="value"),
         stat("GPUs not healthy or missing",
              "Expected GPUs that are missing, lost or unhealthy (expected minus healthy). Each one is a GPU a "
              "job cannot use; see the tables below for which and why.",
-             [f'sum(node:gpus_expected:sum{{{NODE}}}) - sum(node:gpus_healthy:count{{{NODE}}})'],
+             [f'sum(node:gpus_expected:sum{{{F}}}) - sum(node:gpus_healthy:count{{{F}}})'],
              "none", thresholds=steps((None, GREEN), (1, RED))),
         stat("Critical alerts firing",
              "Alerts with severity=critical firing now (they page). The table below lists them with runbooks.",
-             ['count(ALERTS{alertstate="firing", severity="critical"}) or vector(0)'],
+             [f'count(ALERTS{{{FIRING}, severity="critical"}}) or vector(0)'],
              "none", thresholds=steps((None, GREEN), (1, RED))),
         stat("Warning alerts firing",
              "Alerts with severity=warning firing now (they open tickets).",
-             ['count(ALERTS{alertstate="firing", severity="warning"}) or vector(0)'],
+             [f'count(ALERTS{{{FIRING}, severity="warning"}}) or vector(0)'],
              "none", thresholds=steps((None, GREEN), (1, ORANGE))),
         stat("Nodes out of service",
              "Distinct Slurm nodes drained, draining, down or failed now.",
-             [f'count(max by (node) (slurm_node_state{{{F}, {BROKEN}}}) == 1) or vector(0)'],
+             [f'count(max by (cluster, node) (slurm_node_state{{{F}, {BROKEN}}}) == 1) or vector(0)'],
              "none", thresholds=steps((None, GREEN), (1, ORANGE))),
         stat("Drained by gpufleet / by others",
              "Nodes Slurm holds drained/down with a reason: set by gpufleet's remediation (reason prefix "
@@ -88,18 +89,18 @@ def build() -> Dashboard:
         stat("GPUs out of service",
              "GPUs on nodes Slurm holds drained, draining, down or failed: capacity the fleet pays for and "
              "cannot schedule.",
-             [f'sum(slurm_node_gpus{{{F}}} * on (node) group_left () '
-              f'(max by (node) (slurm_node_state{{{F}, {BROKEN}}}) == 1)) or vector(0)'],
+             [f'sum(slurm_node_gpus{{{F}}} * on (cluster, node) group_left () '
+              f'(max by (cluster, node) (slurm_node_state{{{F}, {BROKEN}}}) == 1)) or vector(0)'],
              "none", thresholds=steps((None, GREEN), (1, ORANGE))),
         stat("Jobs on nodes with a critical alert",
              "Running Slurm jobs holding a node that has a critical alert firing: the jobs at risk now.",
-             [f'count(count by (job_id) (slurm_job_node_info{{{F}}} * on (node) group_left () '
-              f'max by (node) (ALERTS{{alertstate="firing", severity="critical"}}))) or vector(0)'],
+             [f'count(count by (cluster, job_id) (slurm_job_node_info{{{F}}} * on (cluster, node) group_left () '
+              f'max by (cluster, node) (ALERTS{{{FIRING}, severity="critical"}}))) or vector(0)'],
              "none", thresholds=steps((None, GREEN), (1, RED))),
         stat("Allocated GPUs idle now",
              "GPUs a job holds whose utilization is below the idle knob "
              "(gpufleet:config:gpu_idle_utilization_ratio): paid for, unused.",
-             [f'count(count by (node, uuid) (node_gpu_job:gpu_utilization_ratio:max{{{NODE}}} '
+             [f'count(count by (cluster, node, uuid) (node_gpu_job:gpu_utilization_ratio:max{{{F}}} '
               f'< scalar(gpufleet:config:gpu_idle_utilization_ratio))) or vector(0)'],
              "none", thresholds=steps((None, GREEN), (1, ORANGE))),
         stat("Fleet GPU power",
@@ -111,8 +112,8 @@ def build() -> Dashboard:
         table("Firing alerts",
               "Every alert firing now, most severe first. Click the alert name for its runbook, the node for "
               "the Node dashboard, the job for the Job dashboard. Value: seconds since it started.",
-              [f'(time() - max by ({ALERT_LABELS}) (ALERTS_FOR_STATE)) and on ({ALERT_LABELS}) '
-               f'max by ({ALERT_LABELS}) (ALERTS{{alertstate="firing"}})'],
+              [f'(time() - max by ({ALERT_LABELS}) (ALERTS_FOR_STATE{{{CLUSTER}}})) and on ({ALERT_LABELS}) '
+               f'max by ({ALERT_LABELS}) (ALERTS{{{FIRING}}})'],
               "s", width=24, h=9, links={"alertname": runbook_link(), "node": node_link(), "job_id": job_link()},
               rename={"Value": "firing for"}, sort_by="severity"),
         table("Xid errors in the range",
@@ -138,9 +139,9 @@ def build() -> Dashboard:
         table("InfiniBand/RoCE ports not active",
               "Ports whose logical state is not ACTIVE or whose physical state is not LinkUp. Runbook: "
               "RdmaPortDown.",
-              [f'max by (node, device, port, state, physical_state) (rdma_port_state_info{{{F}}}) '
-               f'unless on (node, device, port) (rdma_port_state{{{F}}} >= 4 and on (node, device, port) '
-               f'rdma_port_physical_state{{{F}}} == 5)'],
+              [f'max by (cluster, node, device, port, state, physical_state) (rdma_port_state_info{{{F}}}) '
+               f'unless on (cluster, node, device, port) (rdma_port_state{{{F}}} >= 4 '
+               f'and on (cluster, node, device, port) rdma_port_physical_state{{{F}}} == 5)'],
               "none", width=12, links={"node": node_link()}, hide=("Time", "Value")),
         table("Stuck filesystems",
               "Mounts whose statfs has not answered within the agent's timeout (hung NFS/Lustre server, dead "
@@ -150,7 +151,7 @@ def build() -> Dashboard:
         table("Idle allocated GPUs and their jobs",
               "GPUs held by a job with utilization below the idle knob, with the job (link to the Job "
               "dashboard). Runbook for long idling: JobGpusAllocatedIdle.",
-              [f'node_gpu_job:gpu_utilization_ratio:max{{{NODE}}} '
+              [f'node_gpu_job:gpu_utilization_ratio:max{{{F}}} '
                f'< scalar(gpufleet:config:gpu_idle_utilization_ratio)'],
               "percentunit", width=12, links={"node": node_link(), "job_id": job_link()},
               rename={"Value": "utilization"}),
@@ -173,10 +174,10 @@ def build() -> Dashboard:
         table("Hottest GPUs",
               "The ten hottest GPUs now, with the margin to their slowdown threshold (GpuTemperatureHigh fires "
               "within gpufleet:config:gpu_temperature_margin_celsius).",
-              [f'topk(10, max by (node, gpu) (gpu_temperature_celsius{{{F}}}))',
-               f'max by (node, gpu) (gpu_temperature_threshold_celsius{{{F}, threshold="slowdown"}}) '
-               f'- on (node, gpu) max by (node, gpu) (gpu_temperature_celsius{{{F}}}) '
-               f'and on (node, gpu) topk(10, max by (node, gpu) (gpu_temperature_celsius{{{F}}}))'],
+              [f'topk(10, max by (cluster, node, gpu) (gpu_temperature_celsius{{{F}}}))',
+               f'max by (cluster, node, gpu) (gpu_temperature_threshold_celsius{{{F}, threshold="slowdown"}}) '
+               f'- on (cluster, node, gpu) max by (cluster, node, gpu) (gpu_temperature_celsius{{{F}}}) '
+               f'and on (cluster, node, gpu) topk(10, max by (cluster, node, gpu) (gpu_temperature_celsius{{{F}}}))'],
               "celsius", links={"node": node_link()},
               rename={"Value #A": "temperature", "Value #B": "margin to slowdown"}, sort_by="temperature"),
     ]

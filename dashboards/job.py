@@ -1,7 +1,8 @@
 """Job: one Slurm job's nodes and GPUs, training progress, fabric and alerts.
 
 The GPUs come from the join series ``gpu_job_info`` (DESIGN.md: no job label on GPU
-series): ``<gpu series> * on (node, uuid) group_left () max by (node, uuid) (gpu_job_info{job_id="$job"})``.
+series): ``<gpu series> * on (cluster, node, uuid) group_left () max by (cluster, node, uuid)
+(gpu_job_info{job_id="$job"})``.
 Opened from the Fleet overview and Node dashboards (``var-job``).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from dashboards.fleet import ALERT_LABELS
+from dashboards.fleet import ALERT_LABELS, FIRING
 from dashboards.helpers import (
     BLUE,
     CLUSTER,
@@ -34,8 +35,8 @@ from dashboards.helpers import (
 )
 
 J = f'{CLUSTER}, job_id="$job"'
-JOB_GPUS = f'on (node, uuid) group_left () max by (node, uuid) (gpu_job_info{{{J}}})'
-JOB_NODES = f'on (node) group_left () max by (node) (slurm_job_node_info{{{J}}})'
+JOB_GPUS = f'on (cluster, node, uuid) group_left () max by (cluster, node, uuid) (gpu_job_info{{{J}}})'
+JOB_NODES = f'on (cluster, node) group_left () max by (cluster, node) (slurm_job_node_info{{{J}}})'
 PER_GPU = "{{node}} GPU {{gpu}}"
 
 
@@ -59,7 +60,7 @@ def build() -> Dashboard:
               Query(f'sum({on_job_gpus("gpu_utilization_ratio")})', "used")],
              "none", width=4, h=4, thresholds=steps((None, BLUE)), color_mode="value"),
         stat("Alerts on its nodes", "Alerts firing now on the nodes the job holds, or naming the job.",
-             [f'count((ALERTS{{alertstate="firing"}} * {JOB_NODES}) or ALERTS{{alertstate="firing", job_id="$job"}}) '
+             [f'count((ALERTS{{{FIRING}}} * {JOB_NODES}) or ALERTS{{{FIRING}, job_id="$job"}}) '
               f'or vector(0)'], "none", width=4, h=4, thresholds=steps((None, GREEN), (1, RED))),
 
         Row("Nodes and GPUs"),
@@ -94,19 +95,19 @@ def build() -> Dashboard:
         Row("Fabric of its nodes, and alerts"),
         timeseries("InfiniBand/RoCE throughput of its nodes",
                    "Bytes per second sent and received by all ports of each node the job holds.",
-                   [Query(f'sum by (node) (rate(rdma_port_transmit_bytes_total{{{CLUSTER}}}[$__rate_interval])) '
+                   [Query(f'sum by (cluster, node) (rate(rdma_port_transmit_bytes_total{{{CLUSTER}}}[$__rate_interval])) '
                           f'* {JOB_NODES}', "{{node}} tx"),
-                    Query(f'sum by (node) (rate(rdma_port_receive_bytes_total{{{CLUSTER}}}[$__rate_interval])) '
+                    Query(f'sum by (cluster, node) (rate(rdma_port_receive_bytes_total{{{CLUSTER}}}[$__rate_interval])) '
                           f'* {JOB_NODES}', "{{node}} rx")], "Bps", min_=0),
         timeseries("InfiniBand/RoCE errors of its nodes",
                    "PMA error counters per second on the job's nodes (node:rdma_errors:rate5m).",
-                   [Query(f'node:rdma_errors:rate5m * {JOB_NODES}', "{{node}}")], "cps", min_=0),
+                   [Query(f'node:rdma_errors:rate5m{{{CLUSTER}}} * {JOB_NODES}', "{{node}}")], "cps", min_=0),
         table("Alerts touching the job",
               "Alerts firing on the job's nodes, or about the job itself (training stalled, idle GPUs); the "
               "alert name links to its runbook. Value: seconds firing.",
-              [f'(time() - max by ({ALERT_LABELS}) (ALERTS_FOR_STATE)) and on ({ALERT_LABELS}) '
-               f'max by ({ALERT_LABELS}) ((ALERTS{{alertstate="firing"}} * {JOB_NODES}) '
-               f'or ALERTS{{alertstate="firing", job_id="$job"}})'],
+              [f'(time() - max by ({ALERT_LABELS}) (ALERTS_FOR_STATE{{{CLUSTER}}})) and on ({ALERT_LABELS}) '
+               f'max by ({ALERT_LABELS}) ((ALERTS{{{FIRING}}} * {JOB_NODES}) '
+               f'or ALERTS{{{FIRING}, job_id="$job"}})'],
               "s", width=24, h=7, links={"alertname": runbook_link(), "node": node_link()},
               rename={"Value": "firing for"}),
     ]

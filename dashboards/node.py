@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from grafanalib.core import Dashboard
 
-from dashboards.fleet import ALERT_LABELS, xid_in_range
+from dashboards.fleet import ALERT_LABELS, FIRING, xid_in_range
 from dashboards.helpers import (
     BLUE,
     CLUSTER,
@@ -49,9 +49,9 @@ def build() -> Dashboard:
         stat("GPUs expected / reporting / healthy",
              "This node's expected GPUs (--gpu.expected-count or Slurm GRES), those answering NVML, and those "
              "healthy (no pending/failed remap, no pending retirement, no uncorrectable ECC error).",
-             [Query('sum(node:gpus_expected:sum{node="$node"})', "expected"),
-              Query('sum(node:gpus_reporting:count{node="$node"})', "reporting"),
-              Query('sum(node:gpus_healthy:count{node="$node"})', "healthy")],
+             [Query(f'sum(node:gpus_expected:sum{{{N}}})', "expected"),
+              Query(f'sum(node:gpus_reporting:count{{{N}}})', "reporting"),
+              Query(f'sum(node:gpus_healthy:count{{{N}}})', "healthy")],
              "none", width=6, thresholds=steps((None, BLUE)), color_mode="value"),
         stat("Slurm state",
              "The node's normalised Slurm state (and NOT_RESPONDING, separately, in the alerts).",
@@ -59,7 +59,7 @@ def build() -> Dashboard:
              "none", width=4, text_mode="name",
              thresholds=steps((None, GREEN))),
         stat("Alerts firing on this node", "Alerts firing now whose node label is this node.",
-             ['count(ALERTS{alertstate="firing", node="$node"}) or vector(0)'], "none", width=3,
+             [f'count(ALERTS{{{FIRING}, node="$node"}}) or vector(0)'], "none", width=3,
              thresholds=steps((None, GREEN), (1, RED))),
         stat("Jobs running here", "Running Slurm jobs holding this node.",
              [f'count(slurm_job_node_info{{{N}}}) or vector(0)'], "none", width=3,
@@ -73,8 +73,8 @@ def build() -> Dashboard:
              thresholds=steps((None, BLUE)), color_mode="value"),
         table("Alerts on this node",
               "Alerts firing now on this node; the alert name links to its runbook. Value: seconds firing.",
-              [f'(time() - max by ({ALERT_LABELS}) (ALERTS_FOR_STATE{{node="$node"}})) and on ({ALERT_LABELS}) '
-               f'max by ({ALERT_LABELS}) (ALERTS{{alertstate="firing", node="$node"}})'],
+              [f'(time() - max by ({ALERT_LABELS}) (ALERTS_FOR_STATE{{{N}}})) and on ({ALERT_LABELS}) '
+               f'max by ({ALERT_LABELS}) (ALERTS{{{FIRING}, node="$node"}})'],
               "s", width=24, h=7, links={"alertname": runbook_link(), "job_id": job_link()},
               rename={"Value": "firing for"}),
 
@@ -149,7 +149,7 @@ def build() -> Dashboard:
                           "{{device}}/{{port}} rx")], "Bps", min_=0),
         timeseries("Port errors", "All PMA error counters of each port, per second (recording rule "
                    "node:rdma_port_errors:rate5m), and link state changes (flaps) per second.",
-                   [Query('sum by (device, port) (node:rdma_port_errors:rate5m{node="$node"})',
+                   [Query(f'sum by (device, port) (node:rdma_port_errors:rate5m{{{N}}})',
                           "{{device}}/{{port}} errors"),
                     Query(f'sum by (device, port) (rate(rdma_port_state_changes_total{{{N}}}[$__rate_interval]))',
                           "{{device}}/{{port}} flaps")], "cps", min_=0, width=24),
@@ -157,7 +157,7 @@ def build() -> Dashboard:
         Row("Filesystems and disks"),
         table("Filesystems", "Each mount: share of space used, space available, stuck (statfs hangs) and "
               "device error (statfs fails).",
-              ['1 - max by (mountpoint, fstype) (node_mountpoint:filesystem_avail:ratio{node="$node"})',
+              [f'1 - max by (mountpoint, fstype) (node_mountpoint:filesystem_avail:ratio{{{N}}})',
                f'max by (mountpoint, fstype) (filesystem_avail_bytes{{{N}}})',
                f'max by (mountpoint, fstype) (filesystem_stuck{{{N}}})',
                f'max by (mountpoint, fstype) (filesystem_device_error{{{N}}})'],
@@ -174,7 +174,7 @@ def build() -> Dashboard:
               "Running Slurm jobs holding this node (link to the Job dashboard), and the GPUs of this node "
               "each one holds (from the prolog's mapping files or the GPU's processes).",
               [f'max by (job_id, user, account, partition, name) (slurm_job_info{{{CLUSTER}}} '
-               f'and on (job_id) slurm_job_node_info{{{N}}})',
+               f'and on (cluster, job_id) slurm_job_node_info{{{N}}})',
                f'count by (job_id) (gpu_job_info{{{N}}})'],
               "none", width=12, hide=("Time", "Value #A"), links={"job_id": job_link()},
               rename={"Value #B": "GPUs here"}),
@@ -190,8 +190,8 @@ def build() -> Dashboard:
         timeseries("Remediable alerts on this node",
                    "Alerts carrying a remediation label (drain, reboot) that fired on this node over the range: "
                    "what the remediation service was asked to act on.",
-                   [Query('count by (alertname, remediation) (ALERTS{alertstate="firing", node="$node", '
-                          'remediation=~".+"}) or vector(0)', "{{alertname}} {{remediation}}")],
+                   [Query(f'count by (alertname, remediation) (ALERTS{{{FIRING}, node="$node", '
+                          f'remediation=~".+"}}) or vector(0)', "{{alertname}} {{remediation}}")],
                    "none", width=12, min_=0),
     ]
     return dashboard(

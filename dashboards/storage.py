@@ -44,7 +44,7 @@ def build() -> Dashboard:
              [f'count(filesystem_device_error{{{F}}} == 1) or vector(0)'], "none", width=6,
              thresholds=steps((None, GREEN), (1, ORANGE))),
         stat("Fullest filesystem", "The highest share of space used of any selected mount.",
-             [f'1 - min(node_mountpoint:filesystem_avail:ratio{{{NODE}}})'], "percentunit", width=6,
+             [f'1 - min(node_mountpoint:filesystem_avail:ratio{{{F}}})'], "percentunit", width=6,
              thresholds=steps((None, GREEN), (0.9, ORANGE), (0.95, RED))),
         stat("NFS retransmissions", "RPC retransmissions per second, all NFS mounts of the selected nodes.",
              [f'sum(rate(storage_nfs_retransmissions_total{{{F}}}[5m])) or vector(0)'], "cps", width=6,
@@ -54,7 +54,7 @@ def build() -> Dashboard:
         table("Filesystem usage",
               "Share used and space available per mount (read-only and empty pseudo filesystems left out). "
               "Runbook: FilesystemAlmostFull.",
-              [f'1 - max by (node, mountpoint, fstype) (node_mountpoint:filesystem_avail:ratio{{{NODE}}})',
+              [f'1 - max by (node, mountpoint, fstype) (node_mountpoint:filesystem_avail:ratio{{{F}}})',
                f'max by (node, mountpoint, fstype) (filesystem_avail_bytes{{{F}}})',
                f'max by (node, mountpoint, fstype) (filesystem_size_bytes{{{F}}})'],
               "percentunit", links={"node": node_link()}, units={"Value #B": "bytes", "Value #C": "bytes"},

@@ -31,11 +31,11 @@ from dashboards.helpers import (
     timeseries,
 )
 
-P = 'partition=~"$partition"'
+P = f'{CLUSTER}, partition=~"$partition"'
 IDLE = "scalar(gpufleet:config:gpu_idle_utilization_ratio)"
 
 
-def gpu_hours(rule: str, by: str, matchers: str = "") -> str:
+def gpu_hours(rule: str, by: str, matchers: str = CLUSTER) -> str:
     return f'sum by ({by}) (sum_over_time({rule}{{{matchers}}}[$__range])) / 60'
 
 
@@ -55,7 +55,8 @@ def build() -> Dashboard:
         stat("Idle allocated GPU-hours",
              "GPU-hours allocated GPUs spent below the idle knob (gpufleet:config:gpu_idle_utilization_ratio) "
              "over the range, all partitions.",
-             ['sum_over_time(cluster:gpus_allocated_idle:count[$__range]) / 60'], "none", width=6,
+             [f'sum(sum_over_time(cluster:gpus_allocated_idle:count{{{CLUSTER}}}[$__range])) / 60'], "none",
+             width=6,
              thresholds=steps((None, GREEN), (1, ORANGE))),
 
         Row("By account, user and partition"),
@@ -84,9 +85,9 @@ def build() -> Dashboard:
         table("Top idle jobs now",
               "Running jobs with the most allocated GPUs below the idle knob now, with user, account and "
               "partition; the job id links to the Job dashboard. Runbook: JobGpusAllocatedIdle.",
-              [f'topk(10, count by (job_id) (node_gpu_job:gpu_utilization_ratio:max < {IDLE}) '
-               f'* on (job_id) group_left (user, account, partition) '
-               f'max by (job_id, user, account, partition) (slurm_job_info{{{CLUSTER}, {P}}}))'],
+              [f'topk(10, count by (cluster, job_id) (node_gpu_job:gpu_utilization_ratio:max{{{CLUSTER}}} < {IDLE}) '
+               f'* on (cluster, job_id) group_left (user, account, partition) '
+               f'max by (cluster, job_id, user, account, partition) (slurm_job_info{{{P}}}))'],
               "none", width=24, links={"job_id": job_link()}, rename={"Value": "idle GPUs"}, sort_by="idle GPUs"),
     ]
     return dashboard(
