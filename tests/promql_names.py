@@ -21,24 +21,29 @@ BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_se
 ALERT_SERIES = {"ALERTS", "ALERTS_FOR_STATE"}
 
 
-def selectors(node) -> set[str]:
-    """Metric names read by a parsed PromQL expression."""
-    names: set[str] = set()
+def vector_selectors(node) -> list[promql_parser.VectorSelector]:
+    """Every vector selector of a parsed PromQL expression (inside matrices, calls, binary ops)."""
     if isinstance(node, promql_parser.VectorSelector):
-        if node.name:
-            names.add(node.name)
-        else:
-            for m in node.matchers.matchers:
-                if m.name == "__name__":
-                    names.add(m.value)
-        return names
+        return [node]
+    found: list[promql_parser.VectorSelector] = []
     for attr in ("lhs", "rhs", "expr", "vector_selector", "param"):
         child = getattr(node, attr, None)
         if child is not None and not isinstance(child, str | int | float):
-            names |= selectors(child)
+            found += vector_selectors(child)
     for arg in getattr(node, "args", None) or []:
-        names |= selectors(arg)
-    return names
+        found += vector_selectors(arg)
+    return found
+
+
+def selector_name(sel: promql_parser.VectorSelector) -> str:
+    if sel.name:
+        return sel.name
+    return next((m.value for m in sel.matchers.matchers if m.name == "__name__"), "")
+
+
+def selectors(node) -> set[str]:
+    """Metric names read by a parsed PromQL expression."""
+    return {name for sel in vector_selectors(node) if (name := selector_name(sel))}
 
 
 def recording_rule_names(rules_dir: Path = RULES_DIR) -> set[str]:

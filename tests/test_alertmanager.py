@@ -298,3 +298,39 @@ def test_remediation_webhook_gets_bearer_token_v4_payload_and_resolved(am):
     assert resolved.headers["Authorization"] == f"Bearer {TOKEN}"
     assert resolved.body["alerts"][0]["status"] == "resolved"
     assert resolved.body["alerts"][0]["fingerprint"] == alert["fingerprint"]
+
+# ---- several clusters behind one Alertmanager: node names repeat, clusters stay apart -------
+
+
+def test_node_down_mutes_only_its_own_clusters_node(am):
+    source = _alert("SlurmNodeDown", severity="warning", domain="scheduler", cluster="east", node="n-1")
+    muted = [_alert("GpuXidRebootRequired", severity="critical", domain="gpu", cluster="east", node="n-1",
+                    gpu="0", uuid="GPU-E", remediation="reboot")]
+    kept = [_alert("GpuXidRebootRequired", severity="critical", domain="gpu", cluster="west", node="n-1",
+                   gpu="0", uuid="GPU-W", remediation="reboot")]
+    _check_inhibition(am, source, muted, kept)
+
+
+def test_critical_mutes_only_its_own_clusters_warning_twin(am):
+    source = _alert("GpuTemperatureHigh", severity="critical", domain="gpu", cluster="east", node="n-2", gpu="1",
+                    uuid="GPU-1")
+    muted = [_alert("GpuTemperatureHigh", severity="warning", domain="gpu", cluster="east", node="n-2", gpu="1",
+                    uuid="GPU-1")]
+    kept = [_alert("GpuTemperatureHigh", severity="warning", domain="gpu", cluster="west", node="n-2", gpu="1",
+                   uuid="GPU-1")]
+    _check_inhibition(am, source, muted, kept)
+
+
+def test_groups_are_per_cluster(am):
+    for c in ("east", "west"):
+        am.post_alerts([_alert("GpuLost", severity="critical", domain="gpu", cluster=c, node="n-3", gpu="0",
+                               uuid=f"GPU-{c}", remediation="reboot")])
+    got = {}
+    for c in ("east", "west"):
+        n = am.sink.wait(lambda n, c=c: n.path == "/gpufleet-remediation"
+                         and n.body["groupLabels"].get("node") == "n-3"
+                         and n.body["groupLabels"].get("cluster") == c, timeout=20)
+        got[c] = n.body
+    for c, body in got.items():
+        assert body["groupLabels"] == {"alertname": "GpuLost", "cluster": c, "node": "n-3"}
+        assert [a["labels"]["cluster"] for a in body["alerts"]] == [c]

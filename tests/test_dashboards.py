@@ -21,7 +21,7 @@ import pytest
 
 from dashboards import cli
 from tests.conftest import REPO
-from tests.promql_names import known_names, selectors
+from tests.promql_names import known_names, selector_name, selectors, vector_selectors
 
 JSON_DIR = REPO / "dashboards" / "json"
 FILES = sorted(JSON_DIR.glob("*.json"))
@@ -201,6 +201,19 @@ def test_every_expression_parses_and_reads_only_known_metrics(name, title, ref, 
     assert names, "an expression that reads no metric"
     unknown = names - KNOWN
     assert not unknown, f"metrics no exporter emits and no rule records: {unknown}"
+
+
+def test_every_selector_filters_on_the_cluster_variable():
+    """One Prometheus may hold several clusters with the same node names: a selector without
+    cluster=~"$cluster" mixes them (the knobs are fleet-wide and read through scalar())."""
+    missing = []
+    for name, title, ref, expr in EXPRS:
+        for sel in vector_selectors(promql_parser.parse(substitute(expr, set(variables(DASHBOARDS[name]))))):
+            if selector_name(sel).startswith("gpufleet:config:"):
+                continue
+            if not any(m.name == "cluster" for m in sel.matchers.matchers):
+                missing.append(f"{name}: {title} [{ref}]: {selector_name(sel)}")
+    assert not missing, "selectors without a cluster matcher:\n" + "\n".join(missing)
 
 
 @pytest.mark.parametrize("name", sorted(DASHBOARDS))
