@@ -36,7 +36,7 @@ PORT = "{{node}} {{device}}/{{port}}"
 
 
 def per_port_rate(metric: str) -> str:
-    return f'sum by (node, device, port) (rate({metric}{{{F}}}[$__rate_interval]))'
+    return f'sum by (cluster, node, device, port) (rate({metric}{{{F}}}[$__rate_interval]))'
 
 
 def build() -> Dashboard:
@@ -67,19 +67,19 @@ def build() -> Dashboard:
         Row("Errors and flaps"),
         timeseries("Error rate per port",
                    "All PMA error counters per second per port (node:rdma_port_errors:rate5m); the 20 worst.",
-                   [Query(f'topk(20, sum by (node, device, port) (node:rdma_port_errors:rate5m{{{F}}}))', PORT)],
+                   [Query(f'topk(20, sum by (cluster, node, device, port) (node:rdma_port_errors:rate5m{{{F}}}))', PORT)],
                    "cps", min_=0),
         table("Link flaps in the range",
               "Logical state changes (rdma_port_state_changes_total) and failed link recoveries "
               "(link_downed) per port in the selected range. Runbooks: RdmaPortFlapping, RdmaPortLinkDowned.",
-              [f'sum by (node, device, port) (increase(rdma_port_state_changes_total{{{F}}}[$__range])) > 0',
-               f'sum by (node, device, port) (increase(rdma_port_link_downed_total{{{F}}}[$__range])) > 0'],
+              [f'sum by (cluster, node, device, port) (increase(rdma_port_state_changes_total{{{F}}}[$__range])) > 0',
+               f'sum by (cluster, node, device, port) (increase(rdma_port_link_downed_total{{{F}}}[$__range])) > 0'],
               "none", links={"node": node_link()},
               rename={"Value #A": "state changes", "Value #B": "link downed"}),
         table("Ports below the expected rate",
               "Ports that trained to a lower rate than gpufleet:config:rdma_expected_rate_bytes_per_second "
               "(a bad cable or transceiver). Runbook: RdmaPortRateBelowExpected.",
-              [f'max by (node, device, port) (rdma_port_rate_bytes_per_second{{{F}}}) '
+              [f'max by (cluster, node, device, port) (rdma_port_rate_bytes_per_second{{{F}}}) '
                f'< scalar(gpufleet:config:rdma_expected_rate_bytes_per_second)'],
               "Bps", width=24, links={"node": node_link()}, rename={"Value": "rate"}),
 
@@ -95,8 +95,8 @@ def build() -> Dashboard:
                     Query(f'topk(20, {per_port_rate("rdma_port_retransmissions_total")})', PORT + " retrans")],
                    "pps", min_=0),
         table("Ports", "Every port: state, physical state and negotiated rate.",
-              [f'max by (node, device, port, state, physical_state) (rdma_port_state_info{{{F}}})',
-               f'max by (node, device, port) (rdma_port_rate_bytes_per_second{{{F}}})'],
+              [f'max by (cluster, node, device, port, state, physical_state) (rdma_port_state_info{{{F}}})',
+               f'max by (cluster, node, device, port) (rdma_port_rate_bytes_per_second{{{F}}})'],
               "none", width=24, hide=("Time", "Value #A"), units={"Value #B": "Bps"}, rename={"Value #B": "rate"},
               links={"node": node_link()}),
     ]

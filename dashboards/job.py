@@ -42,7 +42,7 @@ PER_GPU = "{{node}} GPU {{gpu}}"
 
 def on_job_gpus(metric: str) -> str:
     """``metric`` of the GPUs the job holds, one series per (node, gpu)."""
-    return f'max by (node, gpu) ({metric}{{{CLUSTER}}} * {JOB_GPUS})'
+    return f'max by (cluster, node, gpu) ({metric}{{{CLUSTER}}} * {JOB_GPUS})'
 
 
 def build() -> Dashboard:

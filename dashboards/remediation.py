@@ -99,8 +99,8 @@ def build() -> Dashboard:
               "Every node Slurm holds drained or down with a reason: owner gpufleet (reason prefix 'gpufleet:', "
               "the service resumes it itself when its policy says so) or other (a human or another tool: "
               "gpufleet never resumes it). The node links to the Node dashboard.",
-              [f'label_replace(max by (node, reason, reason_user, reason_time) ({DRAIN}, reason=~"gpufleet:.*"}}), '
-               f'"owner", "gpufleet", "", "") or label_replace(max by (node, reason, reason_user, reason_time) '
+              [f'label_replace(max by (cluster, node, reason, reason_user, reason_time) ({DRAIN}, reason=~"gpufleet:.*"}}), '
+               f'"owner", "gpufleet", "", "") or label_replace(max by (cluster, node, reason, reason_user, reason_time) '
                f'({DRAIN}, reason!~"gpufleet:.*"}}), "owner", "other", "", "")'],
               "none", width=24, hide=("Time", "Value"), links={"node": node_link()}),
     ]

@@ -31,7 +31,7 @@ MOUNT = "{{node}} {{mountpoint}}"
 
 
 def nfs_rate(metric: str) -> str:
-    return f'sum by (node, mountpoint) (rate({metric}{{{F}}}[$__rate_interval]))'
+    return f'sum by (cluster, node, mountpoint) (rate({metric}{{{F}}}[$__rate_interval]))'
 
 
 def build() -> Dashboard:
@@ -54,9 +54,9 @@ def build() -> Dashboard:
         table("Filesystem usage",
               "Share used and space available per mount (read-only and empty pseudo filesystems left out). "
               "Runbook: FilesystemAlmostFull.",
-              [f'1 - max by (node, mountpoint, fstype) (node_mountpoint:filesystem_avail:ratio{{{F}}})',
-               f'max by (node, mountpoint, fstype) (filesystem_avail_bytes{{{F}}})',
-               f'max by (node, mountpoint, fstype) (filesystem_size_bytes{{{F}}})'],
+              [f'1 - max by (cluster, node, mountpoint, fstype) (node_mountpoint:filesystem_avail:ratio{{{F}}})',
+               f'max by (cluster, node, mountpoint, fstype) (filesystem_avail_bytes{{{F}}})',
+               f'max by (cluster, node, mountpoint, fstype) (filesystem_size_bytes{{{F}}})'],
               "percentunit", links={"node": node_link()}, units={"Value #B": "bytes", "Value #C": "bytes"},
               rename={"Value #A": "used", "Value #B": "available", "Value #C": "size"}, sort_by="used"),
         timeseries("Available space forecast",
@@ -68,8 +68,8 @@ def build() -> Dashboard:
                    "bytes"),
         table("Stuck or failing mounts",
               "Mounts whose statfs hangs (stuck) or fails (error): jobs touching them hang or fail.",
-              [f'max by (node, mountpoint, fstype, device) (filesystem_stuck{{{F}}} == 1)',
-               f'max by (node, mountpoint, fstype, device) (filesystem_device_error{{{F}}} == 1)'],
+              [f'max by (cluster, node, mountpoint, fstype, device) (filesystem_stuck{{{F}}} == 1)',
+               f'max by (cluster, node, mountpoint, fstype, device) (filesystem_device_error{{{F}}} == 1)'],
               "none", width=24, links={"node": node_link()},
               rename={"Value #A": "stuck", "Value #B": "error"}),
 
@@ -91,14 +91,14 @@ def build() -> Dashboard:
 
         Row("Lustre and disks"),
         timeseries("Lustre client throughput", "Bytes per second read and written through each Lustre client.",
-                   [Query(f'sum by (node, filesystem) (rate(storage_lustre_read_bytes_total{{{F}}}[$__rate_interval]))',
+                   [Query(f'sum by (cluster, node, filesystem) (rate(storage_lustre_read_bytes_total{{{F}}}[$__rate_interval]))',
                           "{{node}} {{filesystem}} read"),
-                    Query(f'sum by (node, filesystem) (rate(storage_lustre_write_bytes_total{{{F}}}[$__rate_interval]))',
+                    Query(f'sum by (cluster, node, filesystem) (rate(storage_lustre_write_bytes_total{{{F}}}[$__rate_interval]))',
                           "{{node}} {{filesystem}} write")], "Bps", min_=0),
         timeseries("Disk throughput", "Bytes per second read and written per block device; the 20 busiest.",
-                   [Query(f'topk(20, sum by (node, device) (rate(storage_disk_read_bytes_total{{{F}}}'
+                   [Query(f'topk(20, sum by (cluster, node, device) (rate(storage_disk_read_bytes_total{{{F}}}'
                           f'[$__rate_interval])))', "{{node}} {{device}} read"),
-                    Query(f'topk(20, sum by (node, device) (rate(storage_disk_written_bytes_total{{{F}}}'
+                    Query(f'topk(20, sum by (cluster, node, device) (rate(storage_disk_written_bytes_total{{{F}}}'
                           f'[$__rate_interval])))', "{{node}} {{device}} write")], "Bps", min_=0),
     ]
     return dashboard(

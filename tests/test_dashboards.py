@@ -203,6 +203,13 @@ def test_every_expression_parses_and_reads_only_known_metrics(name, title, ref, 
     assert not unknown, f"metrics no exporter emits and no rule records: {unknown}"
 
 
+def test_aggregations_by_node_keep_the_cluster():
+    """sum by (node) over several clusters would add up two clusters' gpu-node-1."""
+    offenders = [f"{name}: {title} [{ref}]" for name, title, ref, expr in EXPRS
+                 if re.search(r"\b(by|on)\s*\((?![^)]*\bcluster\b)[^)]*\bnode\b", expr)]
+    assert not offenders, "aggregations or joins by node without cluster:\n" + "\n".join(offenders)
+
+
 def test_every_selector_filters_on_the_cluster_variable():
     """One Prometheus may hold several clusters with the same node names: a selector without
     cluster=~"$cluster" mixes them (the knobs are fleet-wide and read through scalar())."""
