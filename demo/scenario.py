@@ -33,6 +33,7 @@ import requests
 
 from demo import config
 from demo.fleet import Fleet
+from demo.stack import poll
 from demo.timeline import Timeline, seconds, table
 
 WAIT = 120.0  # seconds any one expectation may take on a slow, busy machine
@@ -81,9 +82,9 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            for poll in (self._alerts, self._slurm, self._decisions, self._pager):
+            for watch in (self._alerts, self._slurm, self._decisions, self._pager):
                 try:
-                    poll()
+                    watch()
                 except (requests.RequestException, RuntimeError, OSError, ValueError):
                     pass  # a component restarting; the next round sees it
             self._halt.wait(self.interval)
@@ -214,14 +215,11 @@ class Watcher(threading.Thread):
 
 
 def wait(pred: Callable[[], Any], timeout: float = WAIT, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)
+    """The predicate's first truthy result, or None when ``timeout`` passes (a missed step)."""
+    try:
+        return poll(pred, timeout, interval)
+    except TimeoutError:
+        return None
 
 
 class Scenario:

@@ -42,7 +42,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    """The predicate's first truthy result, checked every ``interval``; TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -320,7 +321,7 @@ class WebhookSink:
 
     def wait(self, predicate: Callable[[Notification], bool], timeout: float = 30.0) -> Notification:
         """The first notification matching ``predicate`` (waits for it)."""
-        return _poll(lambda: next((n for n in self.received() if predicate(n)), None), timeout,
+        return poll(lambda: next((n for n in self.received() if predicate(n)), None), timeout,
                      what="webhook notification")
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo.stack import poll
 from exporters.collector import render
 from tests.slurm_fixture import slurm_cluster_fixture, slurm_fixture  # noqa: F401 - one Slurm per session
 
@@ -69,14 +69,10 @@ def sim_state(tmp_path: Path) -> SimState:
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    try:
+        return poll(predicate, timeout, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def need_binary(name: str) -> str:
