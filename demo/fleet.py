@@ -33,7 +33,7 @@ import requests
 
 from demo import config
 from demo.nodes import SimNode
-from demo.stack import Alertmanager, Program, Prometheus, WebhookSink
+from demo.stack import Alertmanager, Program, Prometheus, WebhookSink, free_port
 from exporters.localslurm import LocalSlurm, missing_binaries
 
 REPO = config.REPO
@@ -160,7 +160,11 @@ class Fleet:
                 "--slurm.poll-interval=2s", "--slurm.allow-fast-poll", f"--slurm.conf={conf}"],
                 w / "logs", cwd=REPO).start(timeout=60)  # fmt: skip
         self.pager = WebhookSink()
-        self._start_service()
+        # Alertmanager and the service name each other: Alertmanager's port is chosen first, so
+        # the service starts with --alertmanager.url (resolutions Alertmanager never sends,
+        # docs/remediation.md) and Alertmanager's config with the service's address.
+        am_port = free_port() if self.has_prometheus else None
+        self._start_service(am_url=f"http://127.0.0.1:{am_port}" if am_port else None)
         if not self.has_prometheus:
             return
         self.say("starting Alertmanager and Prometheus (demo copies of alerts/)")
@@ -169,7 +173,7 @@ class Fleet:
         config.write_alertmanager(am_cfg, service_url=self.service.url, token_file=self.webhook_token_file,
                                   pager_url=self.pager.url)
         self.am = Alertmanager(am_cfg, w / "alertmanager")
-        self.am.start(timeout=60)
+        self.am.start(timeout=60, port=am_port)
         rules = config.write_rules(w / "rules")
         sd = w / "targets-agents.yml"
         config.write_agents_sd(sd, {n: f"127.0.0.1:{p.port}" for n, p in self.agents.items()})
@@ -192,7 +196,7 @@ class Fleet:
     def admin_token_file(self) -> Path:
         return self.workdir / "secrets" / "remediation-admin-token"
 
-    def _start_service(self) -> None:
+    def _start_service(self, am_url: str | None) -> None:
         w = self.workdir
         secrets = w / "secrets"
         secrets.mkdir(mode=0o700, exist_ok=True)
@@ -207,7 +211,9 @@ class Fleet:
             self.python, "-m", "remediation.service", "--web.listen-address", f"127.0.0.1:{port}",
             "--policy", str(policy), "--db", str(w / "remediation.db"),
             "--webhook-token-file", str(self.webhook_token_file), "--admin-token-file", str(self.admin_token_file),
-            "--tick-interval", "500ms", *extra], w / "logs", cwd=REPO).start(timeout=60)  # fmt: skip
+            "--tick-interval", "500ms", *extra,
+            *(["--alertmanager.url", am_url, "--alertmanager.reconcile-interval", "5s"] if am_url else [])],
+            w / "logs", cwd=REPO).start(timeout=60)  # fmt: skip
 
     def wait_targets_up(self, timeout: float) -> None:
         assert self.prom is not None

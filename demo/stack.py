@@ -75,9 +75,10 @@ class _Server:
     def args(self) -> list[str]:  # pragma: no cover - subclasses
         raise NotImplementedError
 
-    def start(self, timeout: float = 30.0) -> _Server:
-        for attempt in range(self.start_attempts):
-            self.port = free_port()
+    def start(self, timeout: float = 30.0, *, port: int | None = None) -> _Server:
+        """Start on a free port, or on ``port`` (an address another process was already given)."""
+        for attempt in range(1 if port else self.start_attempts):
+            self.port = port or free_port()
             with self.log_path.open("ab") as log:
                 log.write(f"--- start attempt {attempt + 1}: {' '.join(self.args())}\n".encode())
                 log.flush()
@@ -89,7 +90,7 @@ class _Server:
                 return self
             except RuntimeError:
                 self.stop()
-                if "address already in use" not in self.log_tail():
+                if port or "address already in use" not in self.log_tail():
                     raise
         raise RuntimeError(f"{self.name}: no free port after {self.start_attempts} attempts\n{self.log_tail()}")
 

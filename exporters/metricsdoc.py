@@ -126,7 +126,8 @@ SECTIONS: list[tuple[str, str, tuple[MetricSpec, ...]]] = [
     (
         "Remediation service (`gpufleet-remediation`)",
         "Read from its SQLite store at scrape time, so counters and the breaker state survive restarts "
-        "(the two duration histograms and the webhook request counter restart at zero); the standard "
+        "(the two duration histograms, the webhook request counter and the Alertmanager reconcile series "
+        "restart at zero); the standard "
         "`process_*` and `python_*` series come with them. See [remediation.md](remediation.md).",
         _remediation_specs(),
     ),

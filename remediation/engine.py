@@ -426,6 +426,14 @@ class Engine:
     def _firing(self, ctx: _Delivery, alert: Alert) -> Outcome:
         now = self.clock()
         seen = self.store.alert(alert.key)
+        reopened = ""
+        if seen is not None and seen["status"] == "resolved" and self.store.resolved_by(alert.key) == "reconcile":
+            # Reconcile found no Alertmanager holding this firing, yet one delivers it again:
+            # reconcile was wrong (an Alertmanager that lost its alerts). Judge it afresh.
+            self.store.upsert_alert(alert.key, status="firing", final=0, resolved_at=None, updated_at=now)
+            self._log({"event": "alert_reopened", "alert_key": alert.key, "node": alert.node})
+            reopened = "reopened: Alertmanager delivers this firing again after reconcile resolved it; "
+            seen = self.store.alert(alert.key)
         if seen is not None and (seen["final"] or seen["status"] == "resolved"):
             self.store.upsert_alert(alert.key, last_delivery=ctx.delivery_id, updated_at=now)
             why = "already resolved (a stale resend)" if seen["status"] == "resolved" else "already handled"
@@ -452,6 +460,7 @@ class Engine:
         self.store.upsert_alert(alert.key, **fields)
         out = self._judge_firing(ctx, alert, rule)
         self.store.upsert_alert(alert.key, final=1 if out.final else 0)
+        out.reason = reopened + out.reason
         return out
 
     def _judge_firing(self, ctx: _Delivery, alert: Alert, rule: Rule | None) -> Outcome:
@@ -807,6 +816,40 @@ class Engine:
         if own is None:
             return out(f"resolved: gpufleet holds nothing on {node}")
         return self._schedule_resume(node, own, alert, out)
+
+    def firing_alerts(self) -> list[dict[str, Any]]:
+        """The alerts held as firing (key, fingerprint, node, alertname, updated_at), for
+        reconciling with Alertmanager (remediation/amreconcile.py)."""
+        return self.store.query(
+            "SELECT key, fingerprint, starts_at, alertname, node, updated_at FROM alerts"
+            " WHERE status = 'firing' ORDER BY first_seen"
+        )
+
+    def resolve_vanished(self, reasons: Mapping[str, str], *, who: str = "reconcile") -> list[dict[str, Any]]:
+        """Resolve firing alerts whose resolution never arrived (``reasons``: alert key ->
+        why it is over), exactly as a webhook "resolved" would: same records, same
+        resume scheduling. Each decision is recorded with ``who`` and the reason first,
+        and audited. An alert that is no longer firing (its resolution arrived meanwhile)
+        is left alone."""
+        records = []
+        with self._lock, self.store.transaction():
+            ctx = _Delivery(None)
+            for key, why in reasons.items():
+                row = self.store.alert(key)
+                if row is None or row["status"] != "firing":
+                    continue
+                started = time.perf_counter()
+                alert = Alert(key, row["fingerprint"], row["starts_at"], "resolved",
+                              {"alertname": row["alertname"], "node": row["node"]}, {}, {})  # fmt: skip
+                out = self._resolved(ctx, alert)
+                out.reason = f"{why}: {out.reason}"
+                duration = time.perf_counter() - started
+                self._decision_seconds.observe(duration)
+                self.store.add_audit(who, "resolve-vanished", row["node"],
+                                     json.dumps({"alert_key": key, "alertname": row["alertname"], "why": why}),
+                                     at=self.clock())  # fmt: skip
+                records.append(self._record(out, alert=alert, who=who, duration=duration))
+        return records
 
     def _schedule_resume(self, node: str, own: Mapping[str, Any], alert: Alert,
                          out: Callable[..., Outcome]) -> Outcome:  # fmt: skip

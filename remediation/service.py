@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -72,6 +73,7 @@ from starlette.exceptions import HTTPException
 from exporters.cli import duration
 from exporters.logsetup import LEVELS, setup_logging
 from remediation.actuators.base import Actuator, ActuatorError
+from remediation.amreconcile import AlertmanagerClient, AlertReconciler, ReconcileMetrics
 from remediation.engine import AdminError, Engine
 from remediation.policy import PolicyError, load_policy
 from remediation.schema import WHO_HEADER, AdminRequest, WebhookPayload
@@ -275,6 +277,8 @@ def create_app(
     )
     for code in WEBHOOK_CODES:
         webhook_requests.labels(code)
+    # Registered whether or not --alertmanager.url is given (the reconciler uses them).
+    app.state.reconcile_metrics = ReconcileMetrics(engine.registry)
     ProcessCollector(registry=engine.registry)
     PlatformCollector(registry=engine.registry)
 
@@ -531,7 +535,8 @@ class RemediationService:
 
     def __init__(self, engine: Engine, app: FastAPI, host: str, port: int, *, tick_interval: float = 5.0,
                  ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                 graceful_timeout: int = 30, state: ServiceState | None = None):  # fmt: skip
+                 graceful_timeout: int = 30, state: ServiceState | None = None,
+                 reconciler: AlertReconciler | None = None):  # fmt: skip
         import uvicorn
 
         self.engine = engine
@@ -550,6 +555,7 @@ class RemediationService:
             raise
         self.server = uvicorn.Server(config)
         self.ticker = Ticker(engine, tick_interval, self.state)
+        self.reconciler = reconciler
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -560,6 +566,8 @@ class RemediationService:
 
     def serve(self) -> None:
         self.ticker.start()
+        if self.reconciler is not None:
+            self.reconciler.start()
         try:
             self.server.run(sockets=[self.sock])
         finally:
@@ -588,6 +596,8 @@ class RemediationService:
             return
         self._closed = True
         self.ticker.stop()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         # No decision is cut in half: wait for one in progress (uvicorn has already
         # waited for in-flight requests up to the graceful timeout).
         lock = getattr(self.engine, "_lock", None)
@@ -736,6 +746,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="limit for the site command (default 30s)")
     act.add_argument("--exec.view", dest="exec_view", choices=("slurm", "slurmrestd", "kubernetes"),
                      default="slurm", help="what reads the scheduler's state for --actuator exec (default slurm)")
+    am = p.add_argument_group(
+        "Alertmanager reconciliation (off without --alertmanager.url; docs/remediation.md)",
+        "A resolution Alertmanager never delivers (the alert resolved while inhibited or silenced,\n"
+        "or the service was unreachable) would keep a drained node out for ever: every interval the\n"
+        "service asks Alertmanager's API which alerts it still holds and resolves those it held as\n"
+        "firing that no Alertmanager has had for the grace period. None answering: nothing resolved.")
+    am.add_argument("--alertmanager.url", dest="alertmanager_urls", action="append", default=[], metavar="URL",
+                    help="Alertmanager base URL (http://host:9093, plus its --web.route-prefix if any); repeat "
+                         "for each member of an HA pair: those that answer are asked, one is enough")
+    am.add_argument("--alertmanager.reconcile-interval", dest="alertmanager_interval", type=duration, default=60.0,
+                    metavar="DURATION", help="how often to reconcile (default 1m)")
+    am.add_argument("--alertmanager.reconcile-grace", dest="alertmanager_grace", type=duration, metavar="DURATION",
+                    help="how long an alert must be missing from every answering Alertmanager before it counts "
+                         "as resolved, and how long an Alertmanager must have been up for its answer to count "
+                         "(Prometheus re-sends every firing alert each minute); more than Prometheus' resend "
+                         "delay (default: twice the interval)")
+    am.add_argument("--alertmanager.timeout", dest="alertmanager_timeout", type=duration, default=10.0,
+                    metavar="DURATION", help="limit for each request to Alertmanager (default 10s)")
+    am.add_argument("--alertmanager.token-file", dest="alertmanager_token_file", metavar="FILE",
+                    help="bearer token for Alertmanager (one line, read on every request), e.g. behind a proxy")
+    am.add_argument("--alertmanager.basic-auth-user", dest="alertmanager_user", metavar="USER",
+                    help="basic-auth user for Alertmanager (its --web.config.file basic_auth_users)")
+    am.add_argument("--alertmanager.basic-auth-password-file", dest="alertmanager_password_file", metavar="FILE",
+                    help="file with that user's password (one line, read on every request)")
+    am.add_argument("--alertmanager.ca-file", dest="alertmanager_ca_file", metavar="FILE",
+                    help="CA bundle for an https Alertmanager")
     logs = p.add_argument_group("logging")
     logs.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info")
     logs.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
@@ -748,6 +784,7 @@ class Settings:
     port: int
     webhook_token: str | None
     admin_token: str | None
+    alertmanager: AlertmanagerClient | None = None
 
 
 def check_settings(args: argparse.Namespace) -> Settings:
@@ -770,7 +807,43 @@ def check_settings(args: argparse.Namespace) -> Settings:
     if args.max_body < 1024:
         raise ConfigError(f"--max-body-bytes {args.max_body}: at least 1024")
     host, port = parse_listen_address(args.listen)
-    return Settings(host, port, webhook, admin)
+    return Settings(host, port, webhook, admin, check_alertmanager(args))
+
+
+def check_alertmanager(args: argparse.Namespace) -> AlertmanagerClient | None:
+    """The Alertmanager client for reconciliation, or None when it is off (no URL)."""
+    urls = list(args.alertmanager_urls)
+    if not urls:
+        given = [flag for flag, value in (("--alertmanager.reconcile-grace", args.alertmanager_grace),
+                                          ("--alertmanager.token-file", args.alertmanager_token_file),
+                                          ("--alertmanager.basic-auth-user", args.alertmanager_user),
+                                          ("--alertmanager.basic-auth-password-file", args.alertmanager_password_file),
+                                          ("--alertmanager.ca-file", args.alertmanager_ca_file)) if value]  # fmt: skip
+        if given:
+            raise ConfigError(f"{', '.join(given)} without --alertmanager.url: give the Alertmanager to reconcile with")
+        return None
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"--alertmanager.url {url!r}: expected http(s)://host:port with an optional path")
+    if len(set(urls)) != len(urls):
+        raise ConfigError("--alertmanager.url: the same URL is given twice")
+    if args.alertmanager_token_file and (args.alertmanager_user or args.alertmanager_password_file):
+        raise ConfigError("--alertmanager.token-file and basic auth (--alertmanager.basic-auth-*) exclude each other")
+    if bool(args.alertmanager_user) != bool(args.alertmanager_password_file):
+        raise ConfigError("--alertmanager.basic-auth-user and --alertmanager.basic-auth-password-file go together")
+    if args.alertmanager_token_file:
+        read_token(args.alertmanager_token_file, "--alertmanager.token-file")
+    for flag, path in (("--alertmanager.basic-auth-password-file", args.alertmanager_password_file),
+                       ("--alertmanager.ca-file", args.alertmanager_ca_file)):  # fmt: skip
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{flag} {path}: not readable")
+    if args.alertmanager_grace is None:
+        args.alertmanager_grace = 2 * args.alertmanager_interval
+    return AlertmanagerClient(urls, timeout=args.alertmanager_timeout, token_file=args.alertmanager_token_file,
+                              basic_auth_user=args.alertmanager_user,
+                              basic_auth_password_file=args.alertmanager_password_file,
+                              ca_file=args.alertmanager_ca_file)  # fmt: skip
 
 
 class _DropColorMessage(logging.Filter):
@@ -801,7 +874,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ActuatorError as exc:
         return fail(2, f"--actuator {args.actuator}: {exc}")
     if args.check_config:
-        print(f"gpufleet-remediation: configuration ok ({len(policy.rules)} rules, actuator {args.actuator})")
+        am = (f", reconciling with {len(settings.alertmanager.urls)} Alertmanager(s) every "
+              f"{args.alertmanager_interval:g}s" if settings.alertmanager else "")  # fmt: skip
+        print(f"gpufleet-remediation: configuration ok ({len(policy.rules)} rules, actuator {args.actuator}{am})")
         return 0
     if args.insecure_no_auth and (settings.webhook_token is None or settings.admin_token is None):
         open_apis = [n for n, t in (("webhook", settings.webhook_token), ("admin API", settings.admin_token)) if t is None]
@@ -816,8 +891,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         app = create_app(engine, webhook_token=settings.webhook_token, admin_token=settings.admin_token,
                          max_body_bytes=args.max_body, state=state)  # fmt: skip
+        reconciler = None
+        if settings.alertmanager is not None:
+            reconciler = AlertReconciler(engine, settings.alertmanager, app.state.reconcile_metrics,
+                                         interval=args.alertmanager_interval, grace=args.alertmanager_grace,
+                                         clock=engine.clock)  # fmt: skip
         service = RemediationService(engine, app, settings.host, settings.port, tick_interval=args.tick_interval,
-                                     ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, state=state)  # fmt: skip
+                                     ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, state=state,
+                                     reconciler=reconciler)  # fmt: skip
     except OSError as exc:
         store.close()
         return fail(1, f"--web.listen-address {args.listen}: {exc.strerror or exc}")
@@ -837,7 +918,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reconcile(engine, state)
         log.info("listening", extra={"address": service.url, "actuator": actuator.name, "dry_run": engine.dry_run,
-                                     "policy": args.policy, "db": args.db})  # fmt: skip
+                                     "policy": args.policy, "db": args.db,
+                                     "alertmanagers": ",".join(args.alertmanager_urls) or "none"})  # fmt: skip
         service.serve()
     finally:
         service.close()

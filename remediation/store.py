@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     resolved_at REAL
 );
 CREATE INDEX IF NOT EXISTS alerts_node ON alerts (node, status);
+CREATE INDEX IF NOT EXISTS alerts_status ON alerts (status);
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -76,6 +77,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     duration_seconds REAL
 );
 CREATE INDEX IF NOT EXISTS decisions_node ON decisions (node, id);
+CREATE INDEX IF NOT EXISTS decisions_alert ON decisions (alert_key, id);
 CREATE TABLE IF NOT EXISTS actions (
     id INTEGER PRIMARY KEY,
     node TEXT NOT NULL,
@@ -361,6 +363,13 @@ class Store:
         elif fields:
             sets = ", ".join(f"{k} = ?" for k in fields)
             self.execute(f"UPDATE alerts SET {sets} WHERE key = ?", (*fields.values(), key))
+
+    def resolved_by(self, key: str) -> str | None:
+        """Who recorded the latest resolution of a firing (``engine``: a webhook,
+        ``reconcile``: Alertmanager no longer had it), or None."""
+        return self.scalar(
+            "SELECT who FROM decisions WHERE alert_key = ? AND decision = 'resolved' ORDER BY id DESC LIMIT 1", (key,)
+        )
 
     def active_alerts(self, node: str, *, actions: tuple[str, ...], exclude_key: str | None = None) -> list[dict]:
         """Firing (unresolved) alerts on a node whose rule takes the node out of service."""
