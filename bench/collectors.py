@@ -5,7 +5,8 @@ each, laid out like the real mlx5 capture in /work/shared/fixtures/procfs, else 
 CNP/ECN ``hw_counters``), ``class/nvme/nvme0..7``; procfs ``1/mountinfo`` with 30 mounts (7 local, 20 NFS as
 v4.2/rdma, v4.1/tcp, v3/tcp, 3 Lustre), ``1/mountstats`` with each NFS version's full per-operation table,
 ``diskstats`` (8 NVMe disks), Lustre llite stats; a rootfs holding every mountpoint as a directory.
-Collection: both collectors are built in-process by their ``create(args)``; after 20 warm-up runs, each of
+Collection: both collectors are built in-process by their ``create(args)``, with the agent's garbage collector
+settings (``exporters.cli.tune_gc``); after 20 warm-up runs, each of
 ``--runs`` samples times rdma.collect() + storage.collect() + render() of both. Files sit in the page cache,
 so this is the collectors' own cost (on real HCAs each mlx5 ``hw_counters`` read is a firmware query).
 Scrape: the agent runs as a subprocess with every collector on (sim GPUs, the fixture paths, jobs and progress
@@ -36,6 +37,7 @@ from exporter import HEADERS, agent_cmd, fetch, free_port, started
 
 from exporters import rdma, storage
 from exporters.agent import build_parser, collector_modules
+from exporters.cli import tune_gc
 from exporters.collector import render
 
 CAPTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/procfs/sys/class/infiniband/mlx5_0"
@@ -160,6 +162,7 @@ def summary(samples: list[float], body: bytes, target_ms: float) -> dict[str, An
 def collect_bench(tmp: Path, runs: int) -> dict[str, Any]:
     args = build_parser().parse_args(agent_args(tmp))
     rd, st = rdma.create(args), storage.create(args)
+    tune_gc()  # as the agent runs them (exporters/cli.py)
     parts: dict[str, list[float]] = {"total": [], "rdma": [], "storage": [], "render": []}
     cpu: list[float] = []
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import threading
@@ -43,6 +44,27 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
+# Young-generation GC passes before a collection pass is due, instead of CPython's 700.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Tune the cyclic garbage collector for an exporter that builds thousands of series per interval.
+
+    Start-up leaves tens of thousands of long-lived objects (modules, the service), and
+    every full collection walks them all: on the bench node (8 HCAs, 30 mounts) one took
+    about 17 ms, every few dozen collections, and set the p99 (bench/collectors.py:
+    p99 ~30-35 ms and max ~45 ms without this, ~24 and ~27 with it, same host and hour).
+    Freezing what start-up created takes it out of every later pass; a young pass every
+    50,000 net allocations instead of 700 stops re-walking the half-built snapshot. Our
+    garbage is freed by reference counting; cycles are still collected, only later.
+    """
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run_until_signalled(service: Service, log: logging.Logger, **listening: Any) -> int:
     """Start a service, log where it listens, and stop it cleanly on SIGTERM or SIGINT."""
     stop = threading.Event()
@@ -54,6 +76,7 @@ def run_until_signalled(service: Service, log: logging.Logger, **listening: Any)
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
     service.start()
+    tune_gc()
     log.info("listening", extra=listening)
     while not stop.wait(3600):
         pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import signal
 import socket
@@ -215,3 +216,17 @@ def test_bad_configuration_exits_with_a_clear_error(flags, message):
 def test_bad_duration_is_rejected_by_the_parser():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--collector.interval=fast"])
+
+
+def test_tune_gc_freezes_start_up_objects_and_spaces_young_passes():
+    from exporters import cli
+
+    before = gc.get_threshold()
+    try:
+        cli.tune_gc()
+        assert gc.get_threshold() == (cli.GC_GEN0_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 1000  # modules, classes, the test session: out of every later pass
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
