@@ -103,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
         tl.note("\nstopping every process the demo started ...")
         return 130
     finally:
+        # A second Ctrl-C (an impatient user, or `timeout` passing its signal on) must not cut
+        # the clean-up short and leave daemons behind: stopping is bounded (SIGTERM, then SIGKILL).
+        def still_stopping(_signum: int, _frame: object) -> None:
+            tl.note("still stopping: every process gets SIGTERM, then SIGKILL after a few seconds")
+
+        for sig in previous:
+            signal.signal(sig, still_stopping)
         fleet.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

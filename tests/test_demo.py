@@ -16,8 +16,10 @@ the demo's rule copies keep every rule.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ import yaml
 
 from demo import config
 from remediation.policy import load_policy
-from tests.conftest import REPO, need_binary
+from tests.conftest import REPO, need_binary, wait_for
 from tests.slurm_fixture import slurm_available
 
 
@@ -71,6 +73,41 @@ def test_demo_once_runs_the_scenario_and_every_step_meets_its_expectation(tmp_pa
     assert "declined GpuRowRemapFailed" in out
     assert "\033[" not in out  # --color never (and not a terminal): plain text
     assert not demo_pids(workdir), "processes outlived the demo"
+
+
+@pytest.mark.integration
+def test_demo_keeps_running_until_ctrl_c_and_a_second_ctrl_c_does_not_cut_the_clean_up(tmp_path):
+    """Interactive mode: after the table it prints the URLs and waits; Ctrl-C stops every
+    process it started, even when a second Ctrl-C arrives while it is stopping. Two nodes
+    and a short --wait keep it quick (steps that need more nodes miss; that is not the point)."""
+    slurm_available()
+    need_binary("prometheus")
+    need_binary("prometheus-alertmanager")
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "demo", "--nodes", "2", "--wait", "3", "--color", "never",
+                             "--workdir", str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        wait_for(lambda: any("Still running" in ln for ln in lines) or proc.poll() is not None, timeout=300,
+                 interval=0.5)
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        wait_for(lambda: any(ln.strip().startswith("Slurm ") for ln in lines), timeout=10)  # the last URL line
+        assert any(ln.strip().startswith("Prometheus") and "http://127.0.0.1:" in ln for ln in lines)
+        assert demo_pids(workdir), "the stack should still be running"
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: any("stopping every process" in ln for ln in lines), timeout=30)
+        proc.send_signal(signal.SIGINT)  # impatient: again, while it stops
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "Traceback" not in out, out[-4000:]
+    wait_for(lambda: not demo_pids(workdir), timeout=15)
 
 
 @pytest.mark.integration
