@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 import yaml
@@ -59,6 +59,7 @@ class _Server:
 
     name = "server"
     start_attempts = 3
+    health_path = "/-/ready"
 
     def __init__(self, binary: str, workdir: Path):
         self.binary = binary
@@ -75,22 +76,29 @@ class _Server:
     def args(self) -> list[str]:  # pragma: no cover - subclasses
         raise NotImplementedError
 
-    def start(self, timeout: float = 30.0, *, port: int | None = None) -> _Server:
-        """Start on a free port, or on ``port`` (an address another process was already given)."""
+    def argv(self) -> list[str]:
+        return [self.binary, *self.args()]
+
+    def popen_options(self) -> dict[str, Any]:
+        return {"cwd": self.workdir}
+
+    def start(self, timeout: float = 30.0, *, port: int | None = None) -> Self:
+        """Start on a free port, or on ``port`` (an address another process was already given,
+        or a restart that keeps its address); a port taken meanwhile is retried on another."""
         for attempt in range(1 if port else self.start_attempts):
             self.port = port or free_port()
             with self.log_path.open("ab") as log:
-                log.write(f"--- start attempt {attempt + 1}: {' '.join(self.args())}\n".encode())
+                log.write(f"--- start attempt {attempt + 1}: {' '.join(self.argv())}\n".encode())
                 log.flush()
-                self.proc = subprocess.Popen([self.binary, *self.args()], stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, cwd=self.workdir)
+                self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, **self.popen_options())
             _LIVE.add(self)
             try:
                 self.wait_ready(timeout)
                 return self
             except RuntimeError:
                 self.stop()
-                if port or "address already in use" not in self.log_tail():
+                if port or "address already in use" not in self.log_tail().lower():
                     raise
         raise RuntimeError(f"{self.name}: no free port after {self.start_attempts} attempts\n{self.log_tail()}")
 
@@ -100,7 +108,7 @@ class _Server:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited during start-up\n{self.log_tail()}")
             try:
-                if requests.get(self.url + "/-/ready", timeout=2).status_code == 200:
+                if requests.get(self.url + self.health_path, timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -131,7 +139,7 @@ class _Server:
         r.raise_for_status()
         return r.json()
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -240,39 +248,11 @@ class Program(_Server):
     def args(self) -> list[str]:
         return self._argv(self.port)[1:]
 
-    def start(self, timeout: float = 30.0, *, port: int | None = None) -> Program:
-        """Start on a free port, or on ``port`` (a restart keeps its address)."""
-        for attempt in range(1 if port else self.start_attempts):
-            self.port = port or free_port()
-            with self.log_path.open("ab") as log:
-                log.write(f"--- start attempt {attempt + 1}: {' '.join(self._argv(self.port))}\n".encode())
-                log.flush()
-                self.proc = subprocess.Popen(self._argv(self.port), stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, cwd=self.cwd or self.workdir, env=self.env,
-                                             start_new_session=True)
-            _LIVE.add(self)
-            try:
-                self.wait_ready(timeout)
-                return self
-            except RuntimeError:
-                self.stop()
-                if port or "address already in use" not in self.log_tail().lower():
-                    raise
-        raise RuntimeError(f"{self.name}: no free port after {self.start_attempts} attempts\n{self.log_tail()}")
+    def argv(self) -> list[str]:
+        return self._argv(self.port)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited during start-up\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + self.health_path, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not ready within {timeout}s\n{self.log_tail()}")
-            time.sleep(0.05)
+    def popen_options(self) -> dict[str, Any]:
+        return {"cwd": self.cwd or self.workdir, "env": self.env, "start_new_session": True}
 
 
 @dataclass
