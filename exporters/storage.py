@@ -363,11 +363,15 @@ class StorageCollector(Collector):
         self._problems_now = set()
         b = self.builder()
         mounts = self._mounts()
-        stuck = self._filesystems(b, mounts)
+        # statfs runs on the pool's workers while this thread reads the NFS, Lustre and disk
+        # statistics; the deadlines count from here, as if it had waited.
+        chosen = select_filesystems(mounts, self.rootfs, self.filters) if mounts is not None else None
+        pending = self.pool.submit((f.path for f in chosen), self.statfs_timeout) if chosen else None
         nfs = self._nfs(b, mounts)
         lustre = self._lustre(b)
         disks = self._disks(b)
         self._nvme(b)
+        stuck = self._filesystems(b, chosen, pending.wait() if pending else {})
         for source in PARSE_SOURCES:
             b.add("gpufleet_exporter_storage_parse_errors_total", (source,), self.parse_errors[source])
         b.add("gpufleet_exporter_storage_statfs_workers", (), self.pool.workers)
@@ -387,12 +391,10 @@ class StorageCollector(Collector):
             self._problem("mountinfo", path, problems[0], len(problems))
         return mounts
 
-    def _filesystems(self, b: SampleBuilder, mounts: list[sp.Mount] | None) -> int:
-        if mounts is None:
+    def _filesystems(self, b: SampleBuilder, chosen: list[FsMount] | None, outcomes: dict[str, Any]) -> int:
+        if chosen is None:  # mountinfo unreadable
             self._fs_state.clear()
             return 0
-        chosen = select_filesystems(mounts, self.rootfs, self.filters)
-        outcomes = self.pool.probe((f.path for f in chosen), self.statfs_timeout)
         stuck = 0
         states: dict[str, str] = {}
         for f in chosen:

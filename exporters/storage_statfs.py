@@ -134,11 +134,16 @@ class StatfsPool:
         The call returns after about ``timeout`` when some probe hangs, and at
         most about twice that when a worker freed up late in the wait.
         """
+        return self.submit(paths, timeout).wait()
+
+    def submit(self, paths: Iterable[str], timeout: float) -> Pending:
+        """Queue the probes now and return at once; ``wait()`` on the result gives what ``probe``
+        gives, with the deadline counted from this call. The caller does other work meanwhile
+        (the storage collector parses NFS and Lustre statistics while the workers run statfs)."""
         if self._closed:
             raise RuntimeError("statfs pool is closed")
         paths = list(dict.fromkeys(paths))
         start = self._clock()
-        deadline = start + timeout
         probes: dict[str, _Probe] = {}
         batch = _Batch(0)
         with self._lock:
@@ -156,25 +161,7 @@ class StatfsPool:
             # Forget finished probes of mounts that went away (blocked ones stay: they hold a worker).
             for path in [k for k, p in self._inflight.items() if k not in probes and p.done.is_set()]:
                 del self._inflight[path]
-
-        if batch.left:
-            batch.wait(deadline - self._clock())  # the common case: every probe answers at once
-        out: dict[str, Outcome] = {}
-        for path, p in probes.items():
-            now = self._clock()
-            if p.started is not None and now - p.started >= timeout:
-                wait = 0.0  # blocked since an earlier collection: no need to wait again
-            elif p.started is not None:
-                wait = p.started + timeout - now
-            else:
-                wait = deadline - now
-            if wait > 0:
-                p.done.wait(wait)
-            if not p.done.is_set() and p.started is not None and p.started > deadline - timeout:
-                # It got a worker late in the wait: give it its full timeout (at most 2x in all).
-                p.done.wait(max(0.0, p.started + timeout - self._clock()))
-            out[path] = self._outcome(p)
-        return out
+        return Pending(self, probes, batch, start + timeout, timeout)
 
     def _outcome(self, p: _Probe) -> Outcome:
         if p.done.is_set():
@@ -199,3 +186,35 @@ class StatfsPool:
         deadline = time.monotonic() + join_timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+
+class Pending:
+    """Probes queued by ``StatfsPool.submit``; ``wait()`` collects their outcomes."""
+
+    def __init__(self, pool: StatfsPool, probes: dict[str, _Probe], batch: _Batch, deadline: float, timeout: float):
+        self._pool = pool
+        self._probes = probes
+        self._batch = batch
+        self._deadline = deadline
+        self._timeout = timeout
+
+    def wait(self) -> dict[str, Outcome]:
+        clock, timeout, deadline = self._pool._clock, self._timeout, self._deadline
+        if self._batch.left:
+            self._batch.wait(deadline - clock())  # the common case: every probe answers at once
+        out: dict[str, Outcome] = {}
+        for path, p in self._probes.items():
+            now = clock()
+            if p.started is not None and now - p.started >= timeout:
+                wait = 0.0  # blocked since an earlier collection: no need to wait again
+            elif p.started is not None:
+                wait = p.started + timeout - now
+            else:
+                wait = deadline - now
+            if wait > 0:
+                p.done.wait(wait)
+            if not p.done.is_set() and p.started is not None and p.started > deadline - timeout:
+                # It got a worker late in the wait: give it its full timeout (at most 2x in all).
+                p.done.wait(max(0.0, p.started + timeout - clock()))
+            out[path] = self._pool._outcome(p)
+        return out

@@ -15,6 +15,7 @@ the demo's rule copies keep every rule.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,14 +51,41 @@ def demo_pids(workdir: Path) -> list[int]:
     return pids
 
 
+def run_demo(args: list[str], workdir: Path, timeout: float, **kw) -> subprocess.CompletedProcess[str]:
+    """``python -m demo ARGS --workdir WORKDIR``; past the timeout it is stopped the way a user
+    would (SIGTERM: the demo stops its stack) before the test fails, so nothing lingers."""
+    proc = subprocess.Popen([sys.executable, "-m", "demo", *args, "--workdir", str(workdir)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_demo(proc, workdir)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop_demo(proc: subprocess.Popen, workdir: Path) -> None:
+    """End a demo still running (a failed test): SIGTERM lets it stop what it started; then
+    SIGKILL, and anything left that names the work directory."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for pid in demo_pids(workdir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.integration
 def test_demo_once_runs_the_scenario_and_every_step_meets_its_expectation(tmp_path):
     slurm_available()
     need_binary("prometheus")
     need_binary("prometheus-alertmanager")
     workdir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "demo", "--once", "--color", "never", "--workdir", str(workdir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=420)  # fmt: skip
+    proc = run_demo(["--once", "--color", "never"], workdir, timeout=420)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     header = out.index("detected after")
@@ -102,8 +130,7 @@ def test_demo_keeps_running_until_ctrl_c_and_a_second_ctrl_c_does_not_cut_the_cl
         proc.send_signal(signal.SIGINT)  # impatient: again, while it stops
         assert proc.wait(timeout=120) == 130
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_demo(proc, workdir)
     reader.join(timeout=10)
     out = "".join(lines)
     assert "Traceback" not in out, out[-4000:]
@@ -116,9 +143,7 @@ def test_demo_names_what_is_missing_and_runs_the_rest(tmp_path):
     agents (and Slurm where it can), skips what needs alerts, exits 2 (incomplete)."""
     workdir = tmp_path / "demo"
     env = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
-    proc = subprocess.run([sys.executable, "-m", "demo", "--once", "--color", "never", "--nodes", "2",
-                           "--workdir", str(workdir)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = run_demo(["--once", "--color", "never", "--nodes", "2"], workdir, timeout=300, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     assert "missing: prometheus -> no alerts (Prometheus). To get it: make setup (as root), or: apt-get install -y " \
