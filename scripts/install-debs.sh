@@ -13,6 +13,14 @@ for pkg in "${PACKAGES[@]}"; do
   fi
 done
 
+# kubectl renders deploy/kubernetes (`kubectl kustomize`, kustomize v5 built in). Debian 12's
+# kubernetes-client is 1.20 (kustomize v2, too old for these overlays), so it is not
+# installed here: say so, and the manifest tests skip with the same message.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup: note: no kubectl on PATH; tests/test_kubernetes_manifests.py will skip" \
+       "(install kubectl >= 1.27 from the Kubernetes project's packages to run them)" >&2
+fi
+
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup: Debian packages present (${PACKAGES[*]})"
   exit 0
