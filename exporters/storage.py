@@ -458,7 +458,7 @@ class StorageCollector(Collector):
                 b.add("storage_nfs_server_write_bytes_total", lab, by[5])
             retrans = 0
             for op, v in n.ops.items():
-                if not any(v):
+                if v is sp.IDLE8 or v is sp.IDLE9 or not any(v):  # never-used operations: most of them
                     continue
                 if v[1] > v[0]:
                     retrans += v[1] - v[0]

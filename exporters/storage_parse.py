@@ -112,7 +112,20 @@ class NfsMount:
     ops: dict[str, tuple[int, ...]] = field(default_factory=dict)  # 8 fields, 9 with errors
 
 
-_IDLE_OPS = {b" " + b" ".join([b"0"] * n): (0,) * n for n in (8, 9)}
+# The values of a never-used operation, shared by every such line (8 fields, 9 on newer kernels).
+IDLE8, IDLE9 = (0,) * 8, (0,) * 9
+_IDLE_OPS = {b" " + b" ".join([b"0"] * len(t)): t for t in (IDLE8, IDLE9)}
+# "        READ" -> "READ": the operation names (a few dozen per NFS version), decoded once.
+_OP_NAMES: dict[bytes, str] = {}
+
+
+def _op_name(raw_key: bytes) -> str:
+    """The name of a per-op line's key, "" when it is not one (empty, spaces inside, not ASCII)."""
+    key = raw_key.strip()
+    name = key.decode("ascii") if key and b" " not in key and key.isascii() else ""
+    if name and len(_OP_NAMES) < 1024:  # bounded: a garbage file cannot grow it without end
+        _OP_NAMES[raw_key] = name
+    return name
 
 
 def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
@@ -144,9 +157,11 @@ def parse_mountstats(data: bytes) -> tuple[list[NfsMount], list[str]]:
                         values = tuple(map(int, rest.split()))
                     except ValueError:
                         values = ()
-                key = key.strip()
-                if len(values) in (8, 9) and key and b" " not in key and key.isascii():
-                    cur.ops[key.decode("ascii")] = values  # type: ignore[union-attr] - in_ops implies cur
+                name = _OP_NAMES.get(key)
+                if name is None:
+                    name = _op_name(key)
+                if name and len(values) in (8, 9):
+                    cur.ops[name] = values  # type: ignore[union-attr] - in_ops implies cur
                     continue
         if raw.startswith(b"device "):
             finish()
