@@ -245,6 +245,24 @@ def test_mount_that_disappears_while_blocked_keeps_its_worker_until_it_returns(t
         pool.close()
 
 
+def test_submit_queues_the_probes_and_wait_gives_what_probe_gives():
+    """The collector parses NFS/Lustre/disks between submit() and wait(): the probes run
+    meanwhile, and a hung one is still stuck (not probed twice) when the answers are collected."""
+    gate = Gate("/hung")
+    pool = StatfsPool(2, statvfs=gate)
+    try:
+        pending = pool.submit(["/hung", "/ok"], TIMEOUT)
+        wait_for(lambda: gate.calls.get("/ok") == 1 and gate.calls.get("/hung") == 1, timeout=20)
+        out = pending.wait()
+        assert out["/hung"].state == "stuck" and out["/ok"].state == "ok"
+        again = pool.submit(["/hung", "/ok"], TIMEOUT).wait()
+        assert again["/hung"].state == "stuck" and again["/ok"].state == "ok"
+        assert gate.calls == {"/hung": 1, "/ok": 2}
+    finally:
+        gate.release.set()
+        pool.close()
+
+
 def test_close_stops_idle_workers_and_cancels_queued_probes():
     gate = Gate("/h")
     pool = StatfsPool(1, statvfs=gate)
