@@ -46,6 +46,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from kubernetes import client as k8s
 
+from tests.loopback_http import LoopbackHTTP
+
 SMP = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 _QUALIFIED = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -67,7 +69,7 @@ class Request:
 
 
 @dataclass
-class FakeKube:
+class FakeKube(LoopbackHTTP):
     """Nodes and pods in memory, served over HTTP. ``start()``, then point a client at
     ``configuration()``; ``stop()`` at the end (or use it as a context manager)."""
 
@@ -87,7 +89,6 @@ class FakeKube:
     _rv: int = 100
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
 
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> FakeKube:
@@ -96,30 +97,7 @@ class FakeKube:
         class Handler(_Handler):
             kube = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-kube",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeKube:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start() first"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._serve(Handler, "fake-kube")
 
     def configuration(self) -> k8s.Configuration:
         cfg = k8s.Configuration(host=self.url)

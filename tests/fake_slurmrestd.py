@@ -31,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.loopback_http import LoopbackHTTP
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "slurm" / "v0.0.41" / "rest" / "slurm_v0.0.41_nodes.json"
 UPDATE_FIELDS = {"comment", "cpu_bind", "extra", "features", "features_act", "gres", "address", "hostname",
                  "name", "state", "reason", "reason_uid", "resume_after", "weight"}
@@ -39,7 +41,7 @@ STATE_FLAGS = {"DRAIN", "RESUME", "UNDRAIN", "DOWN", "FAIL", "IDLE", "FUTURE", "
 
 
 @dataclass
-class FakeSlurmrestd:
+class FakeSlurmrestd(LoopbackHTTP):
     versions: tuple[str, ...] = ("v0.0.40", "v0.0.41")
     user: str = ""
     token: str = ""
@@ -55,28 +57,7 @@ class FakeSlurmrestd:
         class Handler(_Handler):
             rest = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-slurmrestd", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeSlurmrestd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._serve(Handler, "fake-slurmrestd")
 
     def add_node(self, name: str, state: list[str] | None = None, reason: str = "",
                  partitions: tuple[str, ...] = ("gpu",)) -> None:
