@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/collectors.py
 	$(BIN)/python bench/slurm_exporter.py
 	$(BIN)/python bench/remediation.py
+	$(BIN)/python bench/e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .tmp
