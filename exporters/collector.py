@@ -62,12 +62,14 @@ class SampleBuilder:
         rows = self._rows.get(name)
         if rows is None:
             rows = self._rows[name] = []
-        rows.append((tuple(map(str, labels)), float(value)))
+        # Integers stay integers: a counter renders exactly, and faster than a float's repr.
+        rows.append((tuple(map(str, labels)), value if type(value) is int else float(value)))
 
     def rows(self, name: str) -> list[tuple[tuple[str, ...], float]]:
-        """The family's row list, for hot loops that append ``(labels, float)``
-        themselves: labels must be a tuple of ``str`` of the spec's arity (the
-        check ``add`` makes per sample is the caller's here)."""
+        """The family's row list, for hot loops that append ``(labels, value)``
+        themselves: labels must be a tuple of ``str`` of the spec's arity, the
+        value an ``int`` or a ``float`` (the checks ``add`` makes per sample are
+        the caller's here)."""
         self._specs[name]  # noqa: B018 - an unknown name is a programming error, raise KeyError now
         rows = self._rows.get(name)
         if rows is None:
@@ -150,17 +152,26 @@ def _format_value(v: float) -> str:
     return repr(v)
 
 
-# sample name -> label values -> "name{labels} ": the label part of a series is
-# the same every interval, so it is escaped and formatted once.
-_SERIES: dict[str, dict[tuple[str, ...], str]] = {}
+class _SeriesHeads(dict):
+    """Label values -> ``name{labels} `` of one sample name: the label part of a series is the
+    same every interval, so it is escaped and formatted once, on the first lookup."""
+
+    def __init__(self, sample_name: str, labelnames: Sequence[str]):
+        super().__init__()
+        self.sample_name, self.labelnames = sample_name, labelnames
+
+    def __missing__(self, values: tuple[str, ...]) -> str:
+        if not values:
+            head = self.sample_name + " "
+        else:
+            lab = ",".join(f'{k}="{_escape_label(lv)}"' for k, lv in zip(self.labelnames, values, strict=True))
+            head = f"{self.sample_name}{{{lab}}} "
+        self[values] = head
+        return head
+
+
+_SERIES: dict[str, _SeriesHeads] = {}
 _SERIES_PER_FAMILY = 50_000
-
-
-def _series_head(sample_name: str, labelnames: Sequence[str], values: tuple[str, ...]) -> str:
-    if not values:
-        return sample_name + " "
-    lab = ",".join(f'{k}="{_escape_label(lv)}"' for k, lv in zip(labelnames, values, strict=True))
-    return f"{sample_name}{{{lab}}} "
 
 
 def render(families: Iterable[Metric]) -> bytes:
@@ -184,18 +195,13 @@ def render(families: Iterable[Metric]) -> bytes:
                 out.append(f"{s.name}{{{lab}}} {_format_value(float(s.value))}\n" if lab
                            else f"{s.name} {_format_value(float(s.value))}\n")
             continue
-        labelnames = fam.labelnames
-        cache = _SERIES.get(sample_name)
-        if cache is None or len(cache) > _SERIES_PER_FAMILY:
+        heads = _SERIES.get(sample_name)
+        if heads is None or len(heads) > _SERIES_PER_FAMILY:
             # Series come and go (jobs, mounts): a bounded cache per family, rebuilt when it fills.
-            cache = _SERIES[sample_name] = {}
-        get = cache.get
-        for values, v in fam.rows:
-            head = get(values)
-            if head is None:
-                head = cache[values] = _series_head(sample_name, labelnames, values)
-            # repr() for finite values (v - v is NaN for NaN and the infinities), without a call per sample.
-            out.append(f"{head}{repr(v) if v - v == 0 else _format_value(v)}\n")
+            heads = _SERIES[sample_name] = _SeriesHeads(sample_name, fam.labelnames)
+        # One comprehension per family; the value by format() (repr() for ints and floats), unless
+        # it is NaN or infinite (v - v is NaN for those), which the exposition format spells its way.
+        out += [f"{heads[values]}{v if v - v == 0 else _format_value(v)}\n" for values, v in fam.rows]
     return "".join(out).encode()
 
 

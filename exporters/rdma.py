@@ -449,11 +449,11 @@ class RdmaCollector(Collector):
                 continue
             named = HW_COUNTERS.get(f)
             if named is not None:
-                b.rows(named[0]).append((labels, float(v)))
+                b.rows(named[0]).append((labels, v))
             else:
                 if events is None:
                     events = b.rows("rdma_port_hw_events_total")
-                events.append(((*labels, f), float(v)))
+                events.append(((*labels, f), v))
 
     def _counter(self, device: str, path: str) -> int | None:
         """A counter file from the layout (read every collection, so without ``_read``'s layers)."""

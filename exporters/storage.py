@@ -290,15 +290,15 @@ def select_nfs(nfs: list[sp.NfsMount], mounts: list[sp.Mount] | None, rootfs: st
 
 # storage_nfs_operation* family -> (field of the per-op line, scale to our unit)
 NFS_OP_FIELDS = (
-    ("storage_nfs_operations_total", 0, 1.0),
-    ("storage_nfs_operation_transmissions_total", 1, 1.0),
-    ("storage_nfs_operation_major_timeouts_total", 2, 1.0),
-    ("storage_nfs_operation_sent_bytes_total", 3, 1.0),
-    ("storage_nfs_operation_received_bytes_total", 4, 1.0),
+    ("storage_nfs_operations_total", 0, 1),
+    ("storage_nfs_operation_transmissions_total", 1, 1),
+    ("storage_nfs_operation_major_timeouts_total", 2, 1),
+    ("storage_nfs_operation_sent_bytes_total", 3, 1),
+    ("storage_nfs_operation_received_bytes_total", 4, 1),
     ("storage_nfs_operation_queue_seconds_total", 5, 0.001),
     ("storage_nfs_operation_rtt_seconds_total", 6, 0.001),
     ("storage_nfs_operation_execute_seconds_total", 7, 0.001),
-    ("storage_nfs_operation_errors_total", 8, 1.0),  # 9-field lines of newer kernels only
+    ("storage_nfs_operation_errors_total", 8, 1),  # 9-field lines of newer kernels only
 )
 
 

@@ -7,10 +7,10 @@ import math
 import threading
 
 import pytest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
-from exporters.collector import Agent, Collector, CollectorRunner, MetricSpec, render
+from exporters.collector import Agent, Collector, CollectorRunner, MetricSpec, SampleBuilder, render
 from tests.conftest import parse, value
 
 SPEC = MetricSpec("test_value", "gauge", "A test value.", ("k",))
@@ -146,6 +146,44 @@ def test_render_matches_prometheus_client():
         assert [x[0] for x in a] == [x[0] for x in b]
         assert all((math.isnan(x[1]) and math.isnan(y[1])) or x[1] == y[1] for x, y in zip(a, b, strict=True))
     assert b"# TYPE b_things_total counter" in render(fams)
+
+
+def test_render_of_built_families_matches_prometheus_client_on_every_call():
+    """The fast path (cached series heads, values rendered column-wise) writes what
+    prometheus_client writes for the same samples: escapes, non-finite values, a family
+    without labels, and series that appear, change value and vanish between calls."""
+    specs = {s.name: s for s in (
+        MetricSpec("t_ratio", "gauge", "Ratio.", ("a", "b")),
+        MetricSpec("t_events_total", "counter", 'Events with "quotes".', ("x",)),
+        MetricSpec("t_plain", "gauge", "No labels."))}
+    rounds = [
+        [("t_ratio", ('q"uote', "back\\slash"), 0.25), ("t_ratio", ("new\nline", ""), math.nan),
+         ("t_ratio", ("p", "q"), -math.inf), ("t_events_total", ("1",), 3), ("t_plain", (), 1e21)],
+        [("t_ratio", ("p", "q"), 7), ("t_ratio", ("fresh", "one"), 1e-7), ("t_events_total", ("1",), 4),
+         ("t_events_total", ("2",), math.inf), ("t_plain", (), -0.0)],
+    ]
+    for samples in rounds:
+        b = SampleBuilder(specs)
+        for name, labels, v in samples:
+            b.add(name, labels, v)
+        fams = b.families()
+        plain = []
+        for f in fams:
+            m = Metric(f.name, f.documentation, f.type)
+            m.samples = f.samples
+            plain.append(m)
+
+        class Reg:
+            def collect(self, plain=plain):
+                return plain
+
+        ours, theirs = parse(render(fams)), parse(generate_latest(Reg()))
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert [x[0] for x in ours[name]] == [x[0] for x in theirs[name]]
+            assert all((math.isnan(x[1]) and math.isnan(y[1])) or x[1] == y[1]
+                       for x, y in zip(ours[name], theirs[name], strict=True))
+        assert sum(len(v) for v in ours.values()) == len(samples)
 
 
 def test_specs_enforce_label_arity_and_counter_names():
