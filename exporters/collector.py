@@ -153,7 +153,7 @@ def _format_value(v: float) -> str:
 
 
 class _SeriesHeads(dict):
-    """Label values -> ``name{labels} `` of one sample name: the label part of a series is the
+    """Label values -> ``\\nname{labels} `` of one sample name: the label part of a series is the
     same every interval, so it is escaped and formatted once, on the first lookup."""
 
     def __init__(self, sample_name: str, labelnames: Sequence[str]):
@@ -162,10 +162,10 @@ class _SeriesHeads(dict):
 
     def __missing__(self, values: tuple[str, ...]) -> str:
         if not values:
-            head = self.sample_name + " "
+            head = f"\n{self.sample_name} "
         else:
             lab = ",".join(f'{k}="{_escape_label(lv)}"' for k, lv in zip(self.labelnames, values, strict=True))
-            head = f"{self.sample_name}{{{lab}}} "
+            head = f"\n{self.sample_name}{{{lab}}} "
         self[values] = head
         return head
 
@@ -181,6 +181,8 @@ def render(families: Iterable[Metric]) -> bytes:
     (tests compare the two) at a fraction of its cost, which matters when an
     8-GPU node emits over a thousand series every interval.
     """
+    # Each series is "\n" + head + value: the newline that ends a line is written before the next,
+    # so a family's series are two lists (heads, values) interleaved without a string per line.
     out: list[str] = []
     for fam in families:
         built = isinstance(fam, BuiltFamily)
@@ -188,20 +190,28 @@ def render(families: Iterable[Metric]) -> bytes:
         name = fam.name + "_total" if fam.type == "counter" and sample_name != fam.name else fam.name
         mtype = fam.type if fam.type in ("counter", "gauge", "histogram", "summary") else "untyped"
         doc = fam.documentation.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {mtype}")
         if not built:
             for s in fam.samples:
                 lab = ",".join(f'{k}="{_escape_label(v)}"' for k, v in s.labels.items())
-                out.append(f"{s.name}{{{lab}}} {_format_value(float(s.value))}\n" if lab
-                           else f"{s.name} {_format_value(float(s.value))}\n")
+                out.append(f"\n{s.name}{{{lab}}} {_format_value(float(s.value))}" if lab
+                           else f"\n{s.name} {_format_value(float(s.value))}")
+            out.append("\n")
             continue
         heads = _SERIES.get(sample_name)
         if heads is None or len(heads) > _SERIES_PER_FAMILY:
             # Series come and go (jobs, mounts): a bounded cache per family, rebuilt when it fills.
             heads = _SERIES[sample_name] = _SeriesHeads(sample_name, fam.labelnames)
-        # One comprehension per family; the value by format() (repr() for ints and floats), unless
-        # it is NaN or infinite (v - v is NaN for those), which the exposition format spells its way.
-        out += [f"{heads[values]}{v if v - v == 0 else _format_value(v)}\n" for values, v in fam.rows]
+        if fam.rows:
+            # Column by column, so that the per-series work is C loops (zip, map, slice assignment).
+            keys, values = zip(*fam.rows, strict=True)
+            lines: list[str] = [""] * (2 * len(keys))
+            lines[0::2] = map(heads.__getitem__, keys)
+            # repr() of an int or a finite float is what prometheus_client writes; NaN and the
+            # infinities are spelled the exposition format's way.
+            lines[1::2] = map(repr if all(map(math.isfinite, values)) else _format_value, values)
+            out += lines
+        out.append("\n")
     return "".join(out).encode()
 
 

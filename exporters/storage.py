@@ -288,16 +288,16 @@ def select_nfs(nfs: list[sp.NfsMount], mounts: list[sp.Mount] | None, rootfs: st
     return sorted(out.items())
 
 
-# storage_nfs_operation* family -> (field of the per-op line, scale to our unit)
+# storage_nfs_operation* family -> (field of the per-op line, divisor to our unit: mountstats times are ms)
 NFS_OP_FIELDS = (
     ("storage_nfs_operations_total", 0, 1),
     ("storage_nfs_operation_transmissions_total", 1, 1),
     ("storage_nfs_operation_major_timeouts_total", 2, 1),
     ("storage_nfs_operation_sent_bytes_total", 3, 1),
     ("storage_nfs_operation_received_bytes_total", 4, 1),
-    ("storage_nfs_operation_queue_seconds_total", 5, 0.001),
-    ("storage_nfs_operation_rtt_seconds_total", 6, 0.001),
-    ("storage_nfs_operation_execute_seconds_total", 7, 0.001),
+    ("storage_nfs_operation_queue_seconds_total", 5, 1000),
+    ("storage_nfs_operation_rtt_seconds_total", 6, 1000),
+    ("storage_nfs_operation_execute_seconds_total", 7, 1000),
     ("storage_nfs_operation_errors_total", 8, 1),  # 9-field lines of newer kernels only
 )
 
@@ -444,7 +444,7 @@ class StorageCollector(Collector):
         if problems:
             self._problem("mountstats", path, problems[0], len(problems))
         chosen = select_nfs(nfs, mounts, self.rootfs, self.filters)
-        op_rows9 = [(b.rows(name), i, scale) for name, i, scale in NFS_OP_FIELDS]
+        op_rows9 = [(b.rows(name), i, div) for name, i, div in NFS_OP_FIELDS]
         op_rows8 = op_rows9[:8]
         for lab, n in chosen:
             lab = tuple(map(str, lab))
@@ -463,9 +463,9 @@ class StorageCollector(Collector):
                 if v[1] > v[0]:
                     retrans += v[1] - v[0]
                 ol = (*lab, op)
-                # One row per field of the per-op line (mountstats times are milliseconds).
-                for rows, i, scale in op_rows9 if len(v) == 9 else op_rows8:
-                    rows.append((ol, v[i] * scale))
+                # One row per field of the per-op line; ints stay ints, times go from ms to seconds.
+                for rows, i, div in op_rows9 if len(v) == 9 else op_rows8:
+                    rows.append((ol, v[i] if div == 1 else v[i] / div))
             if n.ops:
                 b.add("storage_nfs_retransmissions_total", lab, retrans)
             if n.xprt is not None:

@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,32 +35,43 @@ WAITING = "waiting"
 
 
 class _Batch:
-    """Counts down the probes one collection queued, so the caller sleeps once
-    for all of them instead of waking for each (thirty mounts, thirty wake-ups)."""
+    """The probes one collection queued: the workers take them from ``todo`` in turn (one queue
+    item per worker woken, not one per mount: thirty mounts, at most ``workers`` wake-ups), and
+    the caller sleeps once for all of them instead of waking for each."""
 
-    __slots__ = ("left", "cond")
+    __slots__ = ("todo", "left", "_lock", "_latch")
 
-    def __init__(self, n: int):
-        self.left = n
-        self.cond = threading.Condition(threading.Lock())
+    def __init__(self) -> None:
+        self.todo: deque[_Probe] = deque()
+        self.left = 0
+        self._lock = threading.Lock()
+        self._latch = threading.Lock()  # held until the last probe finishes
+        self._latch.acquire()
 
     def finish(self) -> None:
-        with self.cond:
+        with self._lock:
             self.left -= 1
-            if self.left <= 0:
-                self.cond.notify_all()
+            last = self.left == 0
+        if last:
+            self._latch.release()
 
     def wait(self, timeout: float) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.left <= 0, max(0.0, timeout))
+        if self._latch.acquire(timeout=max(0.0, timeout)):
+            self._latch.release()
 
 
 class _Probe:
-    __slots__ = ("path", "done", "started", "result", "error", "cancelled", "batch")
+    """One statvfs of one path; ``finished`` is set (and the latch released) when it returned."""
+
+    __slots__ = ("path", "finished", "_latch", "started", "result", "error", "cancelled", "batch")
 
     def __init__(self, path: str, batch: _Batch | None = None):
         self.path = path
-        self.done = threading.Event()
+        self.finished = False
+        # A lock held until the probe finishes: a one-shot event without threading.Event's
+        # Condition (built in Python, for every probe of every collection).
+        self._latch = threading.Lock()
+        self._latch.acquire()
         self.started: float | None = None
         self.result: Any = None
         self.error: BaseException | None = None
@@ -67,9 +79,16 @@ class _Probe:
         self.batch = batch
 
     def finish(self) -> None:
-        self.done.set()
+        self.finished = True
+        self._latch.release()
         if self.batch is not None:
             self.batch.finish()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the probe to finish; whether it has."""
+        if not self.finished and self._latch.acquire(timeout=max(0.0, timeout)):
+            self._latch.release()
+        return self.finished
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class StatfsPool:
         self.workers = workers
         self._statvfs = statvfs
         self._clock = clock
-        self._queue: queue.SimpleQueue[_Probe | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._inflight: dict[str, _Probe] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -103,19 +122,25 @@ class StatfsPool:
 
     def _work(self) -> None:
         while True:
-            probe = self._queue.get()
-            if probe is None:
+            batch = self._queue.get()
+            if batch is None:
                 return
-            if probe.cancelled:
-                probe.finish()
-                continue
-            probe.started = self._clock()
-            try:
-                probe.result = self._statvfs(probe.path)
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller, never kills the worker
-                probe.error = exc
-            finally:
-                probe.finish()
+            todo = batch.todo
+            while todo:
+                try:
+                    probe = todo.popleft()
+                except IndexError:  # another worker took the last one
+                    break
+                if probe.cancelled:
+                    probe.finish()
+                    continue
+                probe.started = self._clock()
+                try:
+                    probe.result = self._statvfs(probe.path)
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller, never kills the worker
+                    probe.error = exc
+                finally:
+                    probe.finish()
 
     def threads(self) -> list[threading.Thread]:
         """The worker threads still alive (a closed pool's blocked workers stay until their call returns)."""
@@ -126,7 +151,7 @@ class StatfsPool:
         now = self._clock()
         with self._lock:
             return sum(1 for p in self._inflight.values()
-                       if not p.done.is_set() and p.started is not None and now - p.started >= timeout)
+                       if not p.finished and p.started is not None and now - p.started >= timeout)
 
     def probe(self, paths: Iterable[str], timeout: float) -> dict[str, Outcome]:
         """statvfs every path, waiting at most ``timeout`` per probe once it runs.
@@ -145,26 +170,28 @@ class StatfsPool:
         paths = list(dict.fromkeys(paths))
         start = self._clock()
         probes: dict[str, _Probe] = {}
-        batch = _Batch(0)
+        batch = _Batch()
         with self._lock:
             for path in paths:
                 earlier = self._inflight.get(path)
-                if earlier is not None and not earlier.done.is_set():
+                if earlier is not None and not earlier.finished:
                     probes[path] = earlier  # still blocked or queued: never probe a mount twice at once
                     continue
                 batch.left += 1
                 p = _Probe(path, batch)
                 self._inflight[path] = p
                 probes[path] = p
-                self._queue.put(p)
+                batch.todo.append(p)
                 self.submitted += 1
             # Forget finished probes of mounts that went away (blocked ones stay: they hold a worker).
-            for path in [k for k, p in self._inflight.items() if k not in probes and p.done.is_set()]:
+            for path in [k for k, p in self._inflight.items() if k not in probes and p.finished]:
                 del self._inflight[path]
+        for _ in range(min(self.workers, len(batch.todo))):
+            self._queue.put(batch)
         return Pending(self, probes, batch, start + timeout, timeout)
 
     def _outcome(self, p: _Probe) -> Outcome:
-        if p.done.is_set():
+        if p.finished:
             if p.error is not None:
                 return Outcome(ERROR, error=p.error)
             return Outcome(OK, result=p.result)
@@ -212,9 +239,9 @@ class Pending:
             else:
                 wait = deadline - now
             if wait > 0:
-                p.done.wait(wait)
-            if not p.done.is_set() and p.started is not None and p.started > deadline - timeout:
+                p.wait(wait)
+            if not p.finished and p.started is not None and p.started > deadline - timeout:
                 # It got a worker late in the wait: give it its full timeout (at most 2x in all).
-                p.done.wait(max(0.0, p.started + timeout - clock()))
+                p.wait(p.started + timeout - clock())
             out[path] = self._pool._outcome(p)
         return out
