@@ -345,3 +345,35 @@ def _force_cleanup(mnt: Path) -> None:
         if m.mountpoint == str(mnt):
             fusefs.abort_connection(m.dev.split(":")[1])
             fusefs.detach(mnt)
+
+
+def test_a_batch_shared_by_the_workers_probes_every_mount_once_around_hung_ones():
+    """The workers drain one collection's probes from a shared batch: mounts hung in the middle
+    of it hold one worker each, the free workers take every other mount, each probed once, and
+    a statvfs error is that mount's outcome only."""
+    hung = {f"/m{i:02d}" for i in (3, 17)}
+    paths = [f"/m{i:02d}" for i in range(30)]
+
+    class Failing(Gate):
+        def __call__(self, path):
+            if path == "/m09":
+                with self.lock:
+                    self.calls[path] = self.calls.get(path, 0) + 1
+                raise OSError(5, "Input/output error")
+            return super().__call__(path)
+
+    gate = Failing(*hung)
+    pool = StatfsPool(3, statvfs=gate)
+    try:
+        out = pool.probe(paths, TIMEOUT)
+        assert {p for p, o in out.items() if o.state == "stuck"} == hung
+        assert out["/m09"].state == "error" and out["/m09"].error.errno == 5
+        assert {p for p, o in out.items() if o.state == "ok"} == set(paths) - hung - {"/m09"}
+        assert gate.calls == dict.fromkeys(paths, 1)
+        assert pool.blocked(TIMEOUT) == 2
+        again = pool.probe(paths, TIMEOUT)  # one free worker left: still every mount, hung ones not again
+        assert {p for p, o in again.items() if o.state == "ok"} == set(paths) - hung - {"/m09"}
+        assert all(gate.calls[p] == (1 if p in hung else 2) for p in paths)
+    finally:
+        gate.release.set()
+        pool.close()
