@@ -397,23 +397,26 @@ class StorageCollector(Collector):
             return 0
         stuck = 0
         states: dict[str, str] = {}
+        readonly, stuck_rows, error_rows, size, free, avail, files, files_free = (b.rows(n) for n in (
+            "filesystem_readonly", "filesystem_stuck", "filesystem_device_error", "filesystem_size_bytes",
+            "filesystem_free_bytes", "filesystem_avail_bytes", "filesystem_files", "filesystem_files_free"))
         for f in chosen:
             o = outcomes[f.path]
             lab = f.labels
-            b.add("filesystem_readonly", lab, 1 if f.readonly else 0)
-            b.add("filesystem_stuck", lab, 1 if o.state == STUCK else 0)
-            b.add("filesystem_device_error", lab, 1 if o.state == ERROR else 0)
             state = o.state
-            if o.state == OK:
+            readonly.append((lab, 1 if f.readonly else 0))
+            stuck_rows.append((lab, 1 if state == STUCK else 0))
+            error_rows.append((lab, 1 if state == ERROR else 0))
+            if state == OK:
                 st = o.result
-                b.add("filesystem_size_bytes", lab, st.f_blocks * st.f_frsize)
-                b.add("filesystem_free_bytes", lab, st.f_bfree * st.f_frsize)
-                b.add("filesystem_avail_bytes", lab, st.f_bavail * st.f_frsize)
-                b.add("filesystem_files", lab, st.f_files)
-                b.add("filesystem_files_free", lab, st.f_ffree)
-            elif o.state == STUCK:
+                size.append((lab, st.f_blocks * st.f_frsize))
+                free.append((lab, st.f_bfree * st.f_frsize))
+                avail.append((lab, st.f_bavail * st.f_frsize))
+                files.append((lab, st.f_files))
+                files_free.append((lab, st.f_ffree))
+            elif state == STUCK:
                 stuck += 1
-            elif o.state == ERROR:
+            elif state == ERROR:
                 err = o.error
                 state = f"error:{errno.errorcode.get(getattr(err, 'errno', 0) or 0, type(err).__name__)}"
             states[f.path] = state
