@@ -20,7 +20,15 @@ Cost: a node with 8 HCAs has ~500 sysfs files to read per collection. What
 rarely changes (device identity, each port's link layer and netdev, the list of
 counter files) is read at a rescan, every ``--collector.rdma.rescan-interval``
 (1m) and at once for a new device, after a failed read or when a listed counter
-file vanishes; state, phys_state, rate and every counter are read each time.
+file vanishes; state, phys_state, rate and every counter are read each time,
+relative to a directory fd of the port held from one rescan to the next: the
+kernel then resolves one or two path components per file instead of the whole
+``/sys/class/infiniband/<device>/ports/<n>/...`` path (through the class
+symlink). Every read stays what reading by path would be: the fd is checked
+against the path once per port and collection (a driver reload or a device
+rename replaces the directory: the fd is reopened), and a file it no longer has
+is read by its path. The fds are closed at the next rescan, when the device
+disappears and in ``close()`` (the agent calls it at shutdown).
 
 Link flaps: ``rdma_port_state_changes_total`` counts how often the collector
 saw a port's state id change between two collections. A flap that goes down
@@ -39,7 +47,6 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from exporters.cli import duration
@@ -203,25 +210,52 @@ def parse_rate(text: Any) -> float | None:
     m = _RATE_RE.fullmatch(text)
     if m is None:
         return None
-    # Fraction keeps "53.125 Gb/sec" exact: 6640625000.0, not 6640624999.999999.
-    return float(Fraction(m.group(1)) * 1_000_000_000 / 8)
+    # Exact: "53.125 Gb/sec" is 53125 * 10**9 / (8 * 10**3), and int / int is correctly rounded, so
+    # 6640625000.0, not 6640624999.999999 (what Fraction gives, at a tenth of its cost: per port, per collection).
+    whole, _, frac = m.group(1).partition(".")
+    return int(whole + frac) * 1_000_000_000 / (8 * 10 ** len(frac))
+
+
+_ASCII_SPACE = " \t\n\r\f\v"  # what re.ASCII's \s matches
 
 
 def parse_state(text: str) -> tuple[int, str] | None:
     """``"4: ACTIVE"`` -> (4, "ACTIVE")."""
+    # The regex's result without its backtracking (two states per port per collection); the regex,
+    # the definition, then only sees what this does not take.
+    num, colon, name = text.partition(":")
+    num = num.strip(_ASCII_SPACE)
+    if colon and num.isdigit() and num.isascii():
+        return int(num), name.strip(_ASCII_SPACE)
     m = _STATE_RE.fullmatch(text)
     if m is None:
         return None
     return int(m.group(1)), m.group(2)
 
 
-def _read_file(path: str) -> str:
+def _read_bytes(path: str) -> bytes:
     """One sysfs read: a single read() of up to a page, as sysfs serves it."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return os.read(fd, 4096).decode("utf-8", "replace")
+        return os.read(fd, 4096)
     finally:
         os.close(fd)
+
+
+def _read_file(path: str) -> str:
+    """``_read_bytes`` as text. Every read by path goes through here: fault-injection tests replace it,
+    and then no directory fds are opened (see ``_open_dir``), so that the substitute sees every read."""
+    return _read_bytes(path).decode("utf-8", "replace")
+
+
+_STOCK_READ_FILE = _read_file
+# An open through a held port directory fd that fails with one of these may only mean that the
+# directory was removed since the collection began (driver reload, hot unplug; ESTALE on a network
+# filesystem): the file is read by its path then, which is what decides, as without directory fds.
+_RETRY_BY_PATH = frozenset({errno.ENOENT, errno.ENODEV, errno.ESTALE})
+# The first read() of a counter file asks for this much (a 64-bit counter is 20 digits): a page-sized
+# buffer costs a malloc and a realloc per file. A file that fills it is read on, up to a page in all.
+_SMALL_READ = 64
 
 
 def _errname(exc: OSError) -> str:
@@ -241,21 +275,113 @@ def _listdir(path: str) -> list[str] | None:
         return None
 
 
-@dataclass
+def _open_dir(path: str) -> tuple[int, tuple[int, int]] | None:
+    """A directory fd to open a port's files relative to, and (st_dev, st_ino) of that directory;
+    None to read them by path.
+
+    None when the directory cannot be opened (vanished, EMFILE, ...: reads by
+    path then fail or succeed as they would anyway) and when ``_read_file`` was
+    replaced (see there).
+    """
+    if _read_file is not _STOCK_READ_FILE:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd, (st.st_dev, st.st_ino)
+
+
+# A counter file of a port and the row it makes: (file relative to the port directory, metric, labels,
+# scale, supersedes). supersedes: a counters_ext/ 64-bit value, which replaces the counters/ one read
+# before it for the same port.
+_CounterRow = tuple[str, str, tuple[str, ...], int, bool]
+
+
+@dataclass(slots=True)
+class _Flaps:
+    """A port's state id at the last collection (None: never read) and how often it changed."""
+
+    last: int | None = None
+    changes: int = 0
+
+
+@dataclass(eq=False)
 class _PortLayout:
     port: str
     path: str
-    link_layer: str
-    netdev: str
-    pma: list[tuple[str, str]]  # (file, the counters/ name it sets)
-    hw: list[tuple[str, str]]  # (file, hw_counters/ name)
+    labels: tuple[str, str]  # (device, port)
+    info: tuple[str, str, str, str]  # rdma_port_info labels: device, port, link_layer, netdev
+    counters: list[_CounterRow]  # counters/, counters_ext/, hw_counters/ in this order, each sorted
+    flaps: _Flaps  # shared with RdmaCollector._flaps: it outlives rescans and the device
+    dir_fd: int | None = None  # the port directory (see _open_dir); closed by close()
+    dir_id: tuple[int, int] = (-1, -1)  # its (st_dev, st_ino)
+
+    def open_dir(self) -> None:
+        """(Re)open the port directory's fd (for a new layout, or after the directory was replaced)."""
+        self.close()
+        opened = _open_dir(self.path)
+        if opened is not None:
+            self.dir_fd, self.dir_id = opened
+
+    def current_dir_fd(self) -> int | None:
+        """The directory fd, if it is still the directory ``path`` names; None: read by path.
+
+        A driver reload removes the port's directory and creates a new one,
+        an ``rdma dev set name`` renames it: the fd would go on reading a dead
+        directory, or another device's. One stat per port and collection
+        (~50 files) keeps every read what reading by path would have been;
+        a directory replaced since the collection began is caught per file
+        (``_RETRY_BY_PATH``).
+        """
+        if self.dir_fd is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None  # gone or unreachable: read by path, which fails as it always did
+        if (st.st_dev, st.st_ino) != self.dir_id:
+            self.open_dir()
+        return self.dir_fd
+
+    def close(self) -> None:
+        fd, self.dir_fd = self.dir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        """A layout dropped without close() (a collector that is never closed) does not leak its fd."""
+        if getattr(self, "dir_fd", None) is not None:
+            self.close()
 
 
-@dataclass
+@dataclass(eq=False)
 class _DeviceLayout:
-    info: tuple[str, ...]  # INFO_FILES
+    info: tuple[str, ...]  # rdma_device_info labels: device, then INFO_FILES
     ports: list[_PortLayout]
     scanned: float  # time.monotonic(); -inf: scan again next collection
+
+    def close(self) -> None:
+        for p in self.ports:
+            p.close()
+
+
+class _Families(dict):
+    """metric -> the builder's row list for it, fetched on first use (so families keep the order in
+    which they first get a sample) and then by one dict lookup per sample."""
+
+    def __init__(self, b: SampleBuilder):
+        super().__init__()
+        self.b = b
+
+    def __missing__(self, name: str) -> list:
+        rows = self[name] = self.b.rows(name)
+        return rows
 
 
 class RdmaCollector(Collector):
@@ -277,14 +403,20 @@ class RdmaCollector(Collector):
         self.log = logger or log
         self._logged: set[tuple] = set()
         self._read_errors: dict[str, int] = {}
-        self._last_state: dict[tuple[str, str], int] = {}
-        self._state_changes: dict[tuple[str, str], int] = {}
+        self._flaps: dict[tuple[str, str], _Flaps] = {}
         self._devices_seen = 0
         self.rescan_interval = rescan_interval
         self._layouts: dict[str, _DeviceLayout] = {}
 
     def status(self) -> str:
         return f"{self._devices_seen} RDMA devices under {self.root}"
+
+    def close(self) -> None:
+        """Close the ports' directory fds (a later ``collect`` scans and opens them again)."""
+        layouts = list(self._layouts.values())
+        self._layouts.clear()
+        for layout in layouts:
+            layout.close()
 
     # -- reading ---------------------------------------------------------------------
     def _once(self, key: tuple, level: int, msg: str, **fields: Any) -> None:
@@ -309,11 +441,6 @@ class RdmaCollector(Collector):
         except OSError as exc:
             self._error(device, path, _errname(exc))
             return None
-
-    def _read_int(self, device: str, path: str) -> int | None:
-        """A counter file: an integer, None for N/A or when unreadable (counted)."""
-        text = self._read(device, path, missing_ok=False)
-        return None if text is None else self._int(device, path, text)
 
     def _int(self, device: str, path: str, text: str) -> int | None:
         if text.isdigit() and text.isascii():
@@ -345,29 +472,35 @@ class RdmaCollector(Collector):
         self._devices_seen = len(devices)
         now = time.monotonic()
         for gone in self._layouts.keys() - set(devices):
-            del self._layouts[gone]
+            self._layouts.pop(gone).close()
+        fam = _Families(b)
         for device in devices:
             self._read_errors.setdefault(device, 0)
             layout = self._layouts.get(device)
             if layout is None or now - layout.scanned >= self.rescan_interval:
                 layout = self._scan(device, now)
-            self._collect_device(b, device, layout)
+            self._collect_device(fam, device, layout)
         present = set(devices)
-        for (device, port), n in sorted(self._state_changes.items()):
-            if device in present:
-                b.add("rdma_port_state_changes_total", (device, port), n)
-        for device in devices:
-            b.add("gpufleet_exporter_rdma_read_errors_total", (device,), self._read_errors[device])
+        for key in sorted(self._flaps):
+            flaps = self._flaps[key]
+            if flaps.last is not None and key[0] in present:
+                fam["rdma_port_state_changes_total"].append((key, flaps.changes))
+        errors = fam["gpufleet_exporter_rdma_read_errors_total"] if devices else []
+        errors += [((device,), self._read_errors[device]) for device in devices]
         return b.families()
 
     # -- layout: what rarely changes, re-read every rescan interval ------------------
     def _scan(self, device: str, now: float) -> _DeviceLayout:
-        """Read a device's identity, its ports' link layer and netdev, and list its counter files.
+        """Read a device's identity, its ports' link layer and netdev, list its counter files and open
+        each port's directory fd (the previous layout's are closed).
 
         Kept for ``rescan_interval`` seconds, unless a read failed (then it is
         scanned again next time, so a transient error neither sticks nor goes
         uncounted) or a listed counter file vanishes (a driver reload).
         """
+        old = self._layouts.pop(device, None)
+        if old is not None:
+            old.close()
         errors_before = self._read_errors[device]
         ddir = os.path.join(self.root, device)
         info = tuple(self._read(device, os.path.join(ddir, f)) or "" for f in INFO_FILES)
@@ -388,95 +521,161 @@ class RdmaCollector(Collector):
                 if net_ports is None:
                     net_ports = self._device_netdevs(ddir)
                 netdev = net_ports.get(port, "")
-            cdir, edir, hdir = (os.path.join(pp, d) for d in ("counters", "counters_ext", "hw_counters"))
+            labels = (device, port)
             # counters_ext/ after counters/: the 64-bit value wins over the saturating 32-bit one.
-            pma = [(os.path.join(cdir, f), f) for f in sorted(self._names(device, cdir)) if f in PMA_COUNTERS]
-            pma += [(os.path.join(edir, f), PMA_EXT_COUNTERS[f]) for f in sorted(self._names(device, edir))
-                    if f in PMA_EXT_COUNTERS]
-            hw = [(os.path.join(hdir, f), f) for f in sorted(self._names(device, hdir)) if f not in HW_NOT_COUNTERS]
-            ports.append(_PortLayout(port, pp, link_layer, netdev, pma, hw))
+            rows: list[_CounterRow] = []
+            for f in sorted(self._names(device, os.path.join(pp, "counters"))):
+                if f in PMA_COUNTERS:
+                    metric, scale = PMA_COUNTERS[f]
+                    rows.append((f"counters/{f}", metric, labels, scale, False))
+            for f in sorted(self._names(device, os.path.join(pp, "counters_ext"))):
+                if f in PMA_EXT_COUNTERS:
+                    metric, scale = PMA_COUNTERS[PMA_EXT_COUNTERS[f]]
+                    rows.append((f"counters_ext/{f}", metric, labels, scale, True))
+            for f in sorted(self._names(device, os.path.join(pp, "hw_counters"))):
+                if f not in HW_NOT_COUNTERS:
+                    named = HW_COUNTERS.get(f)
+                    rows.append((f"hw_counters/{f}", named[0], labels, 1, False) if named is not None
+                                else (f"hw_counters/{f}", "rdma_port_hw_events_total", (device, port, f), 1, False))
+            flaps = self._flaps.setdefault(labels, _Flaps())
+            ports.append(p := _PortLayout(port, pp, labels, (device, port, link_layer, netdev), rows, flaps))
+            p.open_dir()
         scanned = now if self._read_errors[device] == errors_before else -math.inf
-        layout = self._layouts[device] = _DeviceLayout(info, ports, scanned)
+        layout = self._layouts[device] = _DeviceLayout((device, *info), ports, scanned)
         return layout
 
     # -- collection ------------------------------------------------------------------
-    def _collect_device(self, b: SampleBuilder, device: str, layout: _DeviceLayout) -> None:
-        b.add("rdma_device_info", (device, *layout.info), 1)
+    def _collect_device(self, fam: _Families, device: str, layout: _DeviceLayout) -> None:
+        fam["rdma_device_info"].append((layout.info, 1))
         for p in layout.ports:
-            b.add("rdma_port_info", (device, p.port, p.link_layer, p.netdev), 1)
-            self._collect_port(b, device, p)
+            fam["rdma_port_info"].append((p.info, 1))
+            self._collect_port(fam, device, layout, p)
 
-    def _collect_port(self, b: SampleBuilder, device: str, p: _PortLayout) -> None:
-        labels = (device, p.port)
-        pp = p.path
-
-        state = self._state(device, os.path.join(pp, "state"))
-        phys = self._state(device, os.path.join(pp, "phys_state"))
+    def _collect_port(self, fam: _Families, device: str, layout: _DeviceLayout, p: _PortLayout) -> None:
+        labels = p.labels
+        dir_fd = p.current_dir_fd()
+        state = self._state(device, layout, p, dir_fd, "state")
+        phys = self._state(device, layout, p, dir_fd, "phys_state")
         if state is not None:
-            b.add("rdma_port_state", labels, state[0])
-            prev = self._last_state.get(labels)
-            if prev is not None and prev != state[0]:
-                self._state_changes[labels] = self._state_changes.get(labels, 0) + 1
-            else:
-                self._state_changes.setdefault(labels, 0)
-            self._last_state[labels] = state[0]
+            fam["rdma_port_state"].append((labels, state[0]))
+            flaps = p.flaps
+            if flaps.last is not None and flaps.last != state[0]:
+                flaps.changes += 1
+            flaps.last = state[0]
         if phys is not None:
-            b.add("rdma_port_physical_state", labels, phys[0])
+            fam["rdma_port_physical_state"].append((labels, phys[0]))
         if state is not None or phys is not None:
-            b.add("rdma_port_state_info", (device, p.port, state[1] if state else "", phys[1] if phys else ""), 1)
+            fam["rdma_port_state_info"].append(
+                ((device, p.port, state[1] if state else "", phys[1] if phys else ""), 1))
 
-        rate_path = os.path.join(pp, "rate")
-        rate_text = self._read(device, rate_path)
+        rate_text = self._read_at(device, layout, p, dir_fd, "rate")
         if rate_text is not None:
             rate = parse_rate(rate_text)
             if rate is None:
-                self._error(device, rate_path, "unparseable")
+                self._error(device, os.path.join(p.path, "rate"), "unparseable")
             else:
-                b.add("rdma_port_rate_bytes_per_second", labels, rate)
+                fam["rdma_port_rate_bytes_per_second"].append((labels, rate))
 
-        values: dict[str, int] = {}
-        for path, f in p.pma:
-            v = self._counter(device, path)
-            if v is not None:
-                values[f] = v
-        for f, v in values.items():
-            metric, scale = PMA_COUNTERS[f]
-            b.add(metric, labels, v * scale)
-        events = None
-        for path, f in p.hw:
-            v = self._counter(device, path)
-            if v is None:
-                continue
-            named = HW_COUNTERS.get(f)
-            if named is not None:
-                b.rows(named[0]).append((labels, v))
+        # The hot loop (~50 files per port, every collection): the read and the all-digits parse are
+        # inlined, as each Python call layer here costs more than the parse itself.
+        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        for name, metric, row_labels, scale, supersedes in p.counters:
+            if dir_fd is None:
+                v = self._counter(device, layout, os.path.join(p.path, name))
+                if v is None:
+                    continue
             else:
-                if events is None:
-                    events = b.rows("rdma_port_hw_events_total")
-                events.append(((*labels, f), v))
+                try:
+                    fd = os_open(name, rdonly, dir_fd=dir_fd)
+                except OSError as exc:
+                    data = self._read_by_path(device, layout, p, name, exc, missing_ok=False)
+                    if data is None:
+                        continue
+                else:
+                    try:
+                        data = os_read(fd, _SMALL_READ)
+                        if len(data) == _SMALL_READ:
+                            data += os_read(fd, 4096 - _SMALL_READ)
+                    except OSError as exc:
+                        self._failed(device, layout, os.path.join(p.path, name), exc, missing_ok=False)
+                        continue
+                    finally:
+                        os_close(fd)
+                text = data.strip()
+                if text.isdigit():  # bytes.isdigit: ASCII digits only, as _int requires
+                    v = int(text)
+                else:
+                    v = self._int(device, os.path.join(p.path, name), data.decode("utf-8", "replace").strip())
+                    if v is None:
+                        continue
+            rows = fam[metric]
+            if supersedes and rows and rows[-1][0] is row_labels:
+                rows[-1] = (row_labels, v * scale)
+            else:
+                rows.append((row_labels, v * scale))
 
-    def _counter(self, device: str, path: str) -> int | None:
-        """A counter file from the layout (read every collection, so without ``_read``'s layers)."""
+    def _failed(self, device: str, layout: _DeviceLayout, path: str, exc: OSError, missing_ok: bool) -> None:
+        """A failed per-collection read: counted (unless merely missing and that is ok); a vanished
+        counter file means the layout is stale (driver reload?): rescan next time."""
+        if isinstance(exc, FileNotFoundError):
+            if missing_ok:
+                return
+            layout.scanned = -math.inf
+        self._error(device, path, _errname(exc))
+
+    def _read_by_path(self, device: str, layout: _DeviceLayout, p: _PortLayout, name: str, exc: OSError,
+                      missing_ok: bool) -> bytes | None:
+        """The open through the port's directory fd failed with ``exc``: read by path as without the fd,
+        if the directory may just have been replaced (the next collection's ``current_dir_fd`` reopens it)."""
+        path = os.path.join(p.path, name)
+        if exc.errno not in _RETRY_BY_PATH:
+            self._failed(device, layout, path, exc, missing_ok)
+            return None
+        try:
+            data = _read_bytes(path)
+        except OSError as exc2:
+            self._failed(device, layout, path, exc2, missing_ok)
+            return None
+        return data
+
+    def _read_at(self, device: str, layout: _DeviceLayout, p: _PortLayout, dir_fd: int | None,
+                 name: str) -> str | None:
+        """``_read`` (a missing file is no error) of a file of the port directory, through its fd."""
+        if dir_fd is None:
+            return self._read(device, os.path.join(p.path, name))
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except OSError as exc:
+            data = self._read_by_path(device, layout, p, name, exc, missing_ok=True)
+        else:
+            try:
+                data = os.read(fd, 4096)
+            except OSError as exc:
+                self._failed(device, layout, os.path.join(p.path, name), exc, missing_ok=True)
+                data = None
+            finally:
+                os.close(fd)
+        return None if data is None else data.decode("utf-8", "replace").strip()
+
+    def _counter(self, device: str, layout: _DeviceLayout, path: str) -> int | None:
+        """A counter file read by path (a port without a directory fd, see ``current_dir_fd``)."""
         try:
             text = _read_file(path).strip()
-        except FileNotFoundError:
-            self._layouts.pop(device, None)  # the layout is stale (driver reload?): rescan next time
-            self._error(device, path, "ENOENT")
-            return None
         except OSError as exc:
-            self._error(device, path, _errname(exc))
+            self._failed(device, layout, path, exc, missing_ok=False)
             return None
         if text.isdigit() and text.isascii():
             return int(text)
         return self._int(device, path, text)
 
-    def _state(self, device: str, path: str) -> tuple[int, str] | None:
-        text = self._read(device, path)
+    def _state(self, device: str, layout: _DeviceLayout, p: _PortLayout, dir_fd: int | None,
+               name: str) -> tuple[int, str] | None:
+        text = self._read_at(device, layout, p, dir_fd, name)
         if text is None:
             return None
         parsed = parse_state(text)
         if parsed is None:
-            self._error(device, path, "unparseable")
+            self._error(device, os.path.join(p.path, name), "unparseable")
         return parsed
 
     def _names(self, device: str, path: str) -> Iterable[str]:

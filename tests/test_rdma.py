@@ -530,3 +530,256 @@ def test_promtool_check_metrics_is_clean(sysfs):
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
     assert proc.stdout == b"" and proc.stderr == b"", (proc.stdout + proc.stderr).decode()
+
+
+# -- per-port directory fds -----------------------------------------------------------------------------
+
+
+def fds_under(path: Path) -> list[str]:
+    """Where this process's open fds point, for those under path (a deleted directory's ends in ' (deleted)')."""
+    root = str(path.resolve()) + "/"
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:  # the fd listing /proc/self/fd itself, closed by now
+            continue
+        if target.startswith(root):
+            out.append(target)
+    return sorted(out)
+
+
+def port_dirs(sysfs: Path) -> list[str]:
+    return sorted(str(p.resolve()) for p in (sysfs / "class/infiniband").glob("*/ports/*") if p.is_dir())
+
+
+def test_one_directory_fd_per_port_is_held_and_close_releases_them(tmp_path):
+    sysfs = copy_tree(tmp_path)
+    c = RdmaCollector(str(sysfs))
+    first = render(c.collect())
+    assert fds_under(sysfs) == port_dirs(sysfs)  # mlx5_9 has no ports: none for it
+    c.collect()
+    assert fds_under(sysfs) == port_dirs(sysfs)  # kept between collections, not opened again
+    held = list(c._layouts.values())  # noqa: F841 - closing must not wait for the garbage collector
+    c.close()
+    assert fds_under(sysfs) == []
+    assert render(c.collect()) == first  # usable after close(): scanned and opened anew
+    c.close()
+    assert fds_under(sysfs) == []
+
+
+def test_directory_fds_of_a_vanished_device_are_closed_and_it_comes_back(tmp_path):
+    sysfs = copy_tree(tmp_path)
+    ib = sysfs / "class/infiniband"
+    c = RdmaCollector(str(sysfs), rescan_interval=3600.0)
+    c.collect()
+    held = list(c._layouts.values())  # noqa: F841 - closing must not wait for the garbage collector
+    shutil.rmtree(ib / "mlx5_4")
+    m = parse(render(c.collect()))
+    assert "mlx5_4" not in devices(m)
+    assert fds_under(sysfs) == port_dirs(sysfs)  # no fd left on the deleted directory
+    shutil.copytree(OURS_IB / "mlx5_4", ib / "mlx5_4")
+    m = parse(render(c.collect()))
+    assert value(m, "rdma_port_cnp_sent_total", device="mlx5_4", port="1") == 18342
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 0
+    assert fds_under(sysfs) == port_dirs(sysfs)
+    c.close()
+
+
+def test_a_port_directory_replaced_between_collections_is_read_from_the_new_one(tmp_path, monkeypatch):
+    # A driver reload removes the device's directories and creates new ones: reading by path would read
+    # the new files at once, and so must the held fds; identity and file list wait for the rescan as ever.
+    sysfs = copy_tree(tmp_path)
+    dev = sysfs / "class/infiniband/mlx5_4"
+    clock = [1000.0]
+    monkeypatch.setattr(rdma.time, "monotonic", lambda: clock[0])
+    c = RdmaCollector(str(sysfs), rescan_interval=3600.0)
+    c.collect()
+    shutil.rmtree(dev)
+    shutil.copytree(OURS_IB / "mlx5_4", dev)
+    (dev / "ports/1/counters/link_downed").write_text("9\n")
+    (dev / "ports/1/hw_counters/np_cnp_sent").write_text("18400\n")
+    (dev / "ports/1/state").write_text("1: DOWN\n")
+    (dev / "fw_ver").write_text("22.99.1000\n")
+    lab = {"device": "mlx5_4", "port": "1"}
+    m = parse(render(c.collect()))
+    assert value(m, "rdma_port_link_downed_total", **lab) == 9
+    assert value(m, "rdma_port_cnp_sent_total", **lab) == 18400
+    assert value(m, "rdma_port_state_changes_total", **lab) == 1
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 0
+    assert value(m, "rdma_device_info", device="mlx5_4", fw_ver="22.36.1010") == 1  # until the rescan
+    assert fds_under(sysfs) == port_dirs(sysfs)  # the new directory's fd, the old one closed
+    clock[0] += 3600.0
+    m = parse(render(c.collect()))
+    assert value(m, "rdma_device_info", device="mlx5_4", fw_ver="22.99.1000") == 1
+    c.close()
+
+
+def test_devices_that_swap_names_report_what_their_paths_now_hold(tmp_path):
+    # rdma dev set ... name: a held fd follows the renamed directory, the path names the other device.
+    sysfs = copy_tree(tmp_path)
+    ib = sysfs / "class/infiniband"
+    shutil.copytree(ib / "mlx5_4", ib / "mlx5_5")
+    (ib / "mlx5_5/ports/1/counters/link_downed").write_text("55\n")
+    c = RdmaCollector(str(sysfs), device_include="mlx5_[45]", rescan_interval=3600.0)
+    m = parse(render(c.collect()))
+    assert value(m, "rdma_port_link_downed_total", device="mlx5_5", port="1") == 55
+    (ib / "mlx5_4").rename(ib / "tmp")
+    (ib / "mlx5_5").rename(ib / "mlx5_4")
+    (ib / "tmp").rename(ib / "mlx5_5")
+    m = parse(render(c.collect()))
+    assert value(m, "rdma_port_link_downed_total", device="mlx5_4", port="1") == 55
+    assert value(m, "rdma_port_link_downed_total", device="mlx5_5", port="1") == 2
+    assert fds_under(sysfs) == [str((ib / d / "ports/1").resolve()) for d in ("mlx5_4", "mlx5_5")]
+    c.close()
+
+
+def test_a_port_removed_under_its_device_counts_its_listed_files_once_and_is_dropped(tmp_path):
+    sysfs = copy_tree(tmp_path)
+    port = sysfs / "class/infiniband/mlx4_1/ports/2"
+    listed = sum(f.name in PMA_COUNTERS for f in (port / "counters").iterdir())
+    c = RdmaCollector(str(sysfs), rescan_interval=3600.0)
+    c.collect()
+    shutil.rmtree(port)
+    m = parse(render(c.collect()))
+
+    def port2(m: dict) -> set[str]:
+        return {name for name, rows in m.items() for lab, _ in rows if (lab.get("device"), lab.get("port")) ==
+                ("mlx4_1", "2")}
+
+    # its layout still lists it (info, flap count); every listed counter file fails once, as without fds
+    assert port2(m) == {"rdma_port_info", "rdma_port_state_changes_total"}
+    assert value(m, "rdma_port_info", device="mlx4_1", port="1", netdev="ib0") == 1
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx4_1") == listed
+    m = parse(render(c.collect()))  # rescanned: the port is gone, so are its fd and further errors
+    assert port2(m) == {"rdma_port_state_changes_total"}  # the flap count lives as long as the device
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx4_1") == listed
+    assert fds_under(sysfs) == port_dirs(sysfs)
+    c.close()
+
+
+def test_no_fd_leak_over_100_collections_with_a_device_coming_and_going(tmp_path):
+    sysfs = copy_tree(tmp_path)
+    ib = sysfs / "class/infiniband"
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    c = RdmaCollector(str(sysfs), rescan_interval=0.0)
+    held = []  # every layout ever made: closing must not wait for the garbage collector
+    for i in range(100):
+        if i % 3 == 0:
+            (ib / "mlx5_8").rename(tmp_path / f"gone{i}")  # hot unplug (the directory lives on elsewhere)
+        elif i % 3 == 1:
+            shutil.copytree(OURS_IB / "mlx5_8", ib / "mlx5_8")  # a new device under the old name
+        elif i % 6 == 2:
+            c.rescan_interval = 3600.0 - c.rescan_interval  # with and without rescans in between
+        c.collect()
+        held += c._layouts.values()
+        assert fds_under(sysfs) == port_dirs(sysfs), i
+    assert len(list(Path("/proc/self/fd").iterdir())) == before + len(port_dirs(sysfs))
+    assert fds_under(tmp_path) == port_dirs(sysfs)  # none left on the unplugged directories
+    c.close()
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
+def test_open_errors_through_the_directory_fd_count_once_and_stale_ones_read_by_path(monkeypatch):
+    # ENODEV/ESTALE from an open relative to the held directory may only mean that it was replaced
+    # since the collection began: the path decides, as without fds. Any other error is the file's own.
+    real_open = rdma.os.open
+    failing = {"counters/symbol_error": errno.ESTALE, "hw_counters/np_cnp_sent": errno.ENODEV,
+               "rate": errno.ENOENT, "counters/link_downed": errno.EINVAL}
+    relative: list[str] = []
+
+    def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+        if dir_fd is not None:
+            relative.append(path)
+            if path in failing:
+                raise OSError(failing[path], "simulated")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    c = RdmaCollector(str(OURS_SYSFS), device_include="mlx5_4")
+    c.collect()  # scanned: the directory fds are open
+    monkeypatch.setattr(rdma.os, "open", fake_open)
+    m = parse(render(c.collect()))
+    monkeypatch.undo()
+    c.close()
+    assert set(failing) <= set(relative)
+    lab = {"device": "mlx5_4", "port": "1"}
+    assert value(m, "rdma_port_symbol_errors_total", **lab) == 3
+    assert value(m, "rdma_port_cnp_sent_total", **lab) == 18342
+    assert value(m, "rdma_port_rate_bytes_per_second", **lab) == 25e9
+    assert "rdma_port_link_downed_total" not in names_with(m, "mlx5_4")
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 1
+
+
+def test_a_substituted_read_file_sees_every_read_and_no_fds_are_opened(tmp_path, monkeypatch):
+    sysfs = copy_tree(tmp_path)
+    seen: list[str] = []
+    real_read = rdma._read_file
+
+    def recording(path: str) -> str:
+        seen.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(rdma, "_read_file", recording)
+    c = RdmaCollector(str(sysfs), device_include="mlx5_4")
+    c.collect()
+    seen.clear()
+    m = parse(render(c.collect()))
+    port = sysfs / "class/infiniband/mlx5_4/ports/1"
+    assert str(port / "counters/symbol_error") in seen and str(port / "hw_counters/np_cnp_sent") in seen
+    assert str(port / "state") in seen and str(port / "rate") in seen
+    assert value(m, "rdma_port_cnp_sent_total", device="mlx5_4", port="1") == 18342
+    assert fds_under(sysfs) == []
+    c.close()
+
+
+@pytest.mark.parametrize("text", ["18446744073709551615", "1" * 63, "2" * 64, "3" * 65, "9" * 200])
+def test_counter_values_are_exact_integers_of_any_length(tmp_path, text):
+    sysfs = copy_tree(tmp_path)
+    (sysfs / "class/infiniband/mlx5_4/ports/1/counters/link_downed").write_text(text + "\n")
+    (sysfs / "class/infiniband/mlx5_4/ports/1/hw_counters/duplicate_request").write_text(text)
+    fams = RdmaCollector(str(sysfs), device_include="mlx5_4").collect()
+    body = render(fams).decode()
+    assert f'rdma_port_link_downed_total{{device="mlx5_4",port="1"}} {text}\n' in body
+    assert f'rdma_port_hw_events_total{{device="mlx5_4",port="1",counter="duplicate_request"}} {text}\n' in body
+    for fam in fams:
+        if fam.type == "counter":
+            assert all(type(v) is int for _, v in fam.rows), fam.name
+
+
+@pytest.mark.parametrize("text", ["12\x1c", "\xa05", "٢٥", "+3", "-3", "1_000", "", "12 x", "0x1f"])
+def test_counters_that_only_look_numeric_are_parsed_as_before(tmp_path, text):
+    # bytes are tested first (ASCII digits after ASCII whitespace); anything else takes the text path.
+    sysfs = copy_tree(tmp_path)
+    (sysfs / "class/infiniband/mlx5_4/ports/1/counters/link_downed").write_text(text + "\n")
+    m = scrape(sysfs, device_include="mlx5_4")
+    expected = int(text.strip()) if text.strip().isdigit() and text.strip().isascii() else None
+    got = [v for lab, v in m.get("rdma_port_link_downed_total", [])]
+    assert got == ([] if expected is None else [expected])
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == (expected is None)
+
+
+@given(st.one_of(st.text(), st.from_regex(r"\s*\d{0,4}\s*:.*", fullmatch=True),
+                 st.text(alphabet=" \t\n\r\x0b\x0c\x1c\x85\xa0:0123456789٢ACTIVEDOWN", max_size=20)))
+def test_state_parser_agrees_with_its_regex(text):
+    m = rdma._STATE_RE.fullmatch(text)
+    assert rdma.parse_state(text) == (None if m is None else (int(m.group(1)), m.group(2)))
+
+
+@given(st.integers(0, 10**12 - 1), st.text(alphabet="0123456789", min_size=1, max_size=12))
+def test_fractional_rates_are_the_exact_rational_rounded_once(whole, frac):
+    from fractions import Fraction
+
+    assert parse_rate(f"{whole}.{frac} Gb/sec (4X HDR)") == float(Fraction(f"{whole}.{frac}") * 10**9 / 8)
+    assert parse_rate(f"{whole} Gb/sec") == float(whole * 125_000_000)
+
+
+def test_a_collector_dropped_without_close_leaves_no_fds(tmp_path):
+    import gc
+
+    sysfs = copy_tree(tmp_path)
+    c = RdmaCollector(str(sysfs))
+    c.collect()
+    assert fds_under(sysfs) == port_dirs(sysfs)
+    del c
+    gc.collect()
+    assert fds_under(sysfs) == []
