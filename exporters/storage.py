@@ -288,17 +288,18 @@ def select_nfs(nfs: list[sp.NfsMount], mounts: list[sp.Mount] | None, rootfs: st
     return sorted(out.items())
 
 
-# storage_nfs_operation* family -> (field of the per-op line, divisor to our unit: mountstats times are ms)
+# storage_nfs_operation* family -> (field of the per-op line, its unit as a power of ten of the metric's:
+# mountstats times are integer milliseconds, written exactly as seconds by SampleBuilder.scaled_rows)
 NFS_OP_FIELDS = (
-    ("storage_nfs_operations_total", 0, 1),
-    ("storage_nfs_operation_transmissions_total", 1, 1),
-    ("storage_nfs_operation_major_timeouts_total", 2, 1),
-    ("storage_nfs_operation_sent_bytes_total", 3, 1),
-    ("storage_nfs_operation_received_bytes_total", 4, 1),
-    ("storage_nfs_operation_queue_seconds_total", 5, 1000),
-    ("storage_nfs_operation_rtt_seconds_total", 6, 1000),
-    ("storage_nfs_operation_execute_seconds_total", 7, 1000),
-    ("storage_nfs_operation_errors_total", 8, 1),  # 9-field lines of newer kernels only
+    ("storage_nfs_operations_total", 0, 0),
+    ("storage_nfs_operation_transmissions_total", 1, 0),
+    ("storage_nfs_operation_major_timeouts_total", 2, 0),
+    ("storage_nfs_operation_sent_bytes_total", 3, 0),
+    ("storage_nfs_operation_received_bytes_total", 4, 0),
+    ("storage_nfs_operation_queue_seconds_total", 5, -3),
+    ("storage_nfs_operation_rtt_seconds_total", 6, -3),
+    ("storage_nfs_operation_execute_seconds_total", 7, -3),
+    ("storage_nfs_operation_errors_total", 8, 0),  # 9-field lines of newer kernels only
 )
 
 
@@ -318,6 +319,7 @@ class StorageCollector(Collector):
         self.pool = StatfsPool(statfs_workers, statvfs=statvfs)
         self.parse_errors = dict.fromkeys(PARSE_SOURCES, 0)
         self._fs_state: dict[str, str] = {}
+        self._label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._logged: set[tuple] = set()
         self._problems_now: set[tuple] = set()
         self._summary = "not collected yet"
@@ -382,6 +384,20 @@ class StorageCollector(Collector):
                          f"{lustre} Lustre filesystems, {disks} disks")
         return b.families()
 
+    def _same_labels(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """The label values of a mount as the same string objects every collection.
+
+        Parsing makes new strings each time; the render's cache of series heads then compares
+        every label of every series by content. Given back the first collection's objects, it
+        compares them by identity (NFS mounts have thousands of per-operation series).
+        """
+        same = self._label_sets.get(labels)
+        if same is None:
+            if len(self._label_sets) >= 10_000:  # mounts come and go: bounded
+                self._label_sets.clear()
+            same = self._label_sets[labels] = labels
+        return same
+
     def _mounts(self) -> list[sp.Mount] | None:
         data, path = self._read_pid_file("mountinfo", "mountinfo")
         if data is None:
@@ -402,7 +418,7 @@ class StorageCollector(Collector):
             "filesystem_free_bytes", "filesystem_avail_bytes", "filesystem_files", "filesystem_files_free"))
         for f in chosen:
             o = outcomes[f.path]
-            lab = f.labels
+            lab = self._same_labels(f.labels)
             state = o.state
             readonly.append((lab, 1 if f.readonly else 0))
             stuck_rows.append((lab, 1 if state == STUCK else 0))
@@ -447,10 +463,10 @@ class StorageCollector(Collector):
         if problems:
             self._problem("mountstats", path, problems[0], len(problems))
         chosen = select_nfs(nfs, mounts, self.rootfs, self.filters)
-        op_rows9 = [(b.rows(name), i, div) for name, i, div in NFS_OP_FIELDS]
+        op_rows9 = [(b.scaled_rows(name, exp) if exp else b.rows(name), i) for name, i, exp in NFS_OP_FIELDS]
         op_rows8 = op_rows9[:8]
         for lab, n in chosen:
-            lab = tuple(map(str, lab))
+            lab = self._same_labels(tuple(map(str, lab)))
             if n.bytes is not None:
                 by = n.bytes
                 b.add("storage_nfs_read_bytes_total", lab + ("normal",), by[0])
@@ -466,9 +482,9 @@ class StorageCollector(Collector):
                 if v[1] > v[0]:
                     retrans += v[1] - v[0]
                 ol = (*lab, op)
-                # One row per field of the per-op line; ints stay ints, times go from ms to seconds.
-                for rows, i, div in op_rows9 if len(v) == 9 else op_rows8:
-                    rows.append((ol, v[i] if div == 1 else v[i] / div))
+                # One row per field of the per-op line (times: integer ms, written as seconds).
+                for rows, i in op_rows9 if len(v) == 9 else op_rows8:
+                    rows.append((ol, v[i]))
             if n.ops:
                 b.add("storage_nfs_retransmissions_total", lab, retrans)
             if n.xprt is not None:

@@ -186,6 +186,29 @@ def test_render_of_built_families_matches_prometheus_client_on_every_call():
         assert sum(len(v) for v in ours.values()) == len(samples)
 
 
+def test_scaled_rows_are_written_exactly_and_sampled_as_the_divided_value():
+    """Integer milliseconds of a _seconds family are written as ``{n}e-3``: parsed back, the
+    value is n / 1000 correctly rounded (n * 0.001 is not, for 1 in 6 values), and ``samples``
+    give the same; a scaled family takes no samples of another scale."""
+    spec = MetricSpec("t_wait_seconds_total", "counter", "Wait.", ("op",))
+    b = SampleBuilder({spec.name: spec})
+    ms = [0, 1, 7, 999, 1000, 12345, 596853, 2**63 + 1]
+    b.scaled_rows(spec.name, -3).extend(((str(i),), n) for i, n in enumerate(ms))
+    (fam,) = b.families()
+    text = render([fam]).decode()
+    assert 't_wait_seconds_total{op="5"} 12345e-3\n' in text
+    got = {lab["op"]: v for lab, v in parse(text)["t_wait_seconds_total"]}
+    assert got == {str(i): n / 1000 for i, n in enumerate(ms)}
+    assert {s.labels["op"]: s.value for s in fam.samples} == got
+    assert any(n / 1000 != n * 0.001 for n in ms)  # what the exact form avoids
+    with pytest.raises(ValueError, match="scaled"):
+        b.add(spec.name, ("x",), 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        b.scaled_rows(spec.name, -6)
+    with pytest.raises(ValueError, match="scaled"):
+        b.rows(spec.name)
+
+
 def test_specs_enforce_label_arity_and_counter_names():
     b = Fixed().builder()
     with pytest.raises(ValueError, match="expected labels"):
