@@ -50,6 +50,7 @@ import errno
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -288,6 +289,9 @@ def select_nfs(nfs: list[sp.NfsMount], mounts: list[sp.Mount] | None, rootfs: st
     return sorted(out.items())
 
 
+# Seconds an NVMe controller's model, serial and firmware revision are kept before they are read again.
+NVME_IDENTITY_TTL = 60.0
+
 # storage_nfs_operation* family -> (field of the per-op line, its unit as a power of ten of the metric's:
 # mountstats times are integer milliseconds, written exactly as seconds by SampleBuilder.scaled_rows)
 NFS_OP_FIELDS = (
@@ -320,6 +324,7 @@ class StorageCollector(Collector):
         self.parse_errors = dict.fromkeys(PARSE_SOURCES, 0)
         self._fs_state: dict[str, str] = {}
         self._label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._nvme_identity: dict[str, tuple[float, tuple[str, ...]]] = {}  # controller -> (read at, identity)
         self._logged: set[tuple] = set()
         self._problems_now: set[tuple] = set()
         self._summary = "not collected yet"
@@ -568,6 +573,9 @@ class StorageCollector(Collector):
         return n
 
     def _nvme(self, b: SampleBuilder) -> None:
+        """storage_nvme_info: ``state`` read every collection; model, serial and firmware revision
+        (which change only with the drive or a firmware activation) every ``NVME_IDENTITY_TTL``
+        seconds, at once for a new controller, and next time again after a failed read."""
         root = os.path.join(self.sysfs, "class/nvme")
         try:
             controllers = sorted(os.listdir(root))
@@ -576,14 +584,40 @@ class StorageCollector(Collector):
         except OSError as exc:
             self._problem("nvme", root, str(exc))
             return
+        now = time.monotonic()
+        known, self._nvme_identity = self._nvme_identity, {}
         for ctrl in controllers:
-            attrs = []
-            for attr in ("model", "serial", "firmware_rev", "state"):
-                data = self._read("nvme", os.path.join(root, ctrl, attr))
-                attrs.append(data.decode("utf-8", "replace").strip() if data is not None else "")
-            if not any(attrs):
-                continue
-            b.add("storage_nvme_info", (ctrl, *attrs), 1)
+            cdir = os.path.join(root, ctrl)
+            cached = known.get(ctrl)
+            if cached is not None and now - cached[0] < NVME_IDENTITY_TTL:
+                identity = cached[1]
+                self._nvme_identity[ctrl] = cached
+            else:
+                errors = self.parse_errors["nvme"]
+                identity = tuple(self._sysfs_attr(os.path.join(cdir, a)) for a in ("model", "serial", "firmware_rev"))
+                if self.parse_errors["nvme"] == errors:
+                    self._nvme_identity[ctrl] = (now, identity)
+            attrs = (*identity, self._sysfs_attr(os.path.join(cdir, "state")))
+            if any(attrs):
+                b.add("storage_nvme_info", (ctrl, *attrs), 1)
+
+    def _sysfs_attr(self, path: str) -> str:
+        """A sysfs attribute of an NVMe controller, stripped; "" when missing or unreadable (counted).
+        One read() returns a whole attribute (at most a page): no buffered file object needed."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ENODEV, errno.ENXIO):
+                return ""
+            self._problem("nvme", path, f"{type(exc).__name__}: {exc.strerror or exc}")
+            return ""
+        return data.decode("utf-8", "replace").strip()
 
     # -- lifecycle ------------------------------------------------------------------------
     def status(self) -> str:

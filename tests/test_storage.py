@@ -468,6 +468,43 @@ def test_nvme_controller_info_is_stripped(fixture_collector):
     ]
 
 
+def test_nvme_state_is_read_every_collection_and_identity_every_ttl(tmp_path, monkeypatch):
+    """A controller's state changes (live -> resetting -> dead) and is read each time; model,
+    serial and firmware only change with the drive or a firmware activation: re-read once the
+    TTL passes, at once for a new controller, and again next time after a failed read."""
+    ctrl = tmp_path / "sys/class/nvme/nvme0"
+    ctrl.mkdir(parents=True)
+    for attr, text in (("model", "M1  \n"), ("serial", "S1\n"), ("firmware_rev", "F1\n"), ("state", "live\n")):
+        (ctrl / attr).write_text(text)
+    c = StorageCollector(str(tmp_path / "proc"), str(tmp_path / "sys"), str(tmp_path))
+    now = [1000.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: now[0])
+
+    def info():
+        return sorted(tuple(lab[k] for k in ("controller", "model", "serial", "firmware_revision", "state"))
+                      for lab, _ in scrape_collector(c)["storage_nvme_info"])
+
+    try:
+        assert info() == [("nvme0", "M1", "S1", "F1", "live")]
+        (ctrl / "state").write_text("resetting\n")
+        (ctrl / "firmware_rev").write_text("F2\n")
+        now[0] += storage.NVME_IDENTITY_TTL - 1
+        assert info() == [("nvme0", "M1", "S1", "F1", "resetting")]
+        now[0] += 1
+        assert info() == [("nvme0", "M1", "S1", "F2", "resetting")]
+        new = tmp_path / "sys/class/nvme/nvme1"
+        new.mkdir()
+        (new / "model").write_text("M9\n")
+        (new / "serial").mkdir()  # unreadable (EISDIR): counted, and read again next collection
+        assert info() == [("nvme0", "M1", "S1", "F2", "resetting"), ("nvme1", "M9", "", "", "")]
+        (new / "serial").rmdir()
+        (new / "serial").write_text("S9\n")
+        assert info()[1] == ("nvme1", "M9", "S9", "", "")
+        assert c.parse_errors["nvme"] == 1
+    finally:
+        c.close()
+
+
 # -- robustness -----------------------------------------------------------------------------------
 
 
