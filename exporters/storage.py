@@ -324,6 +324,8 @@ class StorageCollector(Collector):
         self.parse_errors = dict.fromkeys(PARSE_SOURCES, 0)
         self._fs_state: dict[str, str] = {}
         self._label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # The last mount table read: (its bytes, mounts, filesystems chosen, problems).
+        self._mount_table: tuple[bytes, list[sp.Mount], list[FsMount], list[str]] | None = None
         self._nvme_identity: dict[str, tuple[float, tuple[str, ...]]] = {}  # controller -> (read at, identity)
         self._logged: set[tuple] = set()
         self._problems_now: set[tuple] = set()
@@ -369,10 +371,9 @@ class StorageCollector(Collector):
     def collect(self) -> list:
         self._problems_now = set()
         b = self.builder()
-        mounts = self._mounts()
+        mounts, chosen = self._mounts()
         # statfs runs on the pool's workers while this thread reads the NFS, Lustre and disk
         # statistics; the deadlines count from here, as if it had waited.
-        chosen = select_filesystems(mounts, self.rootfs, self.filters) if mounts is not None else None
         pending = self.pool.submit((f.path for f in chosen), self.statfs_timeout) if chosen else None
         nfs = self._nfs(b, mounts)
         lustre = self._lustre(b)
@@ -403,14 +404,26 @@ class StorageCollector(Collector):
             same = self._label_sets[labels] = labels
         return same
 
-    def _mounts(self) -> list[sp.Mount] | None:
+    def _mounts(self) -> tuple[list[sp.Mount] | None, list[FsMount] | None]:
+        """The mount table and the filesystems chosen from it; (None, None) when it is unreadable.
+
+        The table is read every collection but seldom changes: while its bytes are the
+        same as last time, so are the mounts and the choice (both pure functions of it and
+        of the flags), which are then reused; its problems are counted again each time.
+        """
         data, path = self._read_pid_file("mountinfo", "mountinfo")
         if data is None:
-            return None
-        mounts, problems = sp.parse_mountinfo(data)
+            self._mount_table = None
+            return None, None
+        if self._mount_table is not None and self._mount_table[0] == data:
+            _, mounts, chosen, problems = self._mount_table
+        else:
+            mounts, problems = sp.parse_mountinfo(data)
+            chosen = select_filesystems(mounts, self.rootfs, self.filters)
+            self._mount_table = (data, mounts, chosen, problems)
         if problems:
             self._problem("mountinfo", path, problems[0], len(problems))
-        return mounts
+        return mounts, chosen
 
     def _filesystems(self, b: SampleBuilder, chosen: list[FsMount] | None, outcomes: dict[str, Any]) -> int:
         if chosen is None:  # mountinfo unreadable

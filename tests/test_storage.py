@@ -505,6 +505,30 @@ def test_nvme_state_is_read_every_collection_and_identity_every_ttl(tmp_path, mo
         c.close()
 
 
+def test_mount_table_changes_show_up_at_the_next_collection(tmp_path):
+    """The mount table's parse and the filesystems chosen from it are reused while its bytes
+    stay the same; a mount added, remounted read-only or removed shows at the next collection."""
+    a = mountinfo_line(1, "0:40", "/scratch", "xfs", "/dev/md0")
+    b = mountinfo_line(2, "0:41", "/nfs/home", "nfs4", "srv:/home")
+    tree(tmp_path, {"proc/1/mountinfo": a})
+    c = StorageCollector(str(tmp_path / "proc"), str(tmp_path / "sys"), "/", statvfs=FakeStatvfs())
+
+    def readonly():
+        return {lab["mountpoint"]: v for lab, v in scrape_collector(c)["filesystem_readonly"]}
+
+    try:
+        assert readonly() == {"/scratch": 0}
+        assert readonly() == {"/scratch": 0}
+        (tmp_path / "proc/1/mountinfo").write_text(a + b)
+        assert readonly() == {"/scratch": 0, "/nfs/home": 0}
+        (tmp_path / "proc/1/mountinfo").write_text(mountinfo_line(1, "0:40", "/scratch", "xfs", "/dev/md0", "ro") + b)
+        assert readonly() == {"/scratch": 1, "/nfs/home": 0}
+        (tmp_path / "proc/1/mountinfo").write_text(b)
+        assert readonly() == {"/nfs/home": 0}
+    finally:
+        c.close()
+
+
 # -- robustness -----------------------------------------------------------------------------------
 
 
