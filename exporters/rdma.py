@@ -44,9 +44,10 @@ import logging
 import math
 import os
 import re
+import resource
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from exporters.cli import duration
@@ -258,6 +259,18 @@ _RETRY_BY_PATH = frozenset({errno.ENOENT, errno.ENODEV, errno.ESTALE})
 _SMALL_READ = 64
 
 
+def _fds_to_spare(n: int) -> bool:
+    """Whether ``n`` more fds may be held open: the process keeps at least half of its soft
+    RLIMIT_NOFILE free (a node with 16 ports holds ~800; systemd's default soft limit is 1024).
+    Beyond that the counter files are opened at each read, as before."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or in_use + n <= soft // 2
+
+
 def _errname(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
@@ -321,13 +334,47 @@ class _PortLayout:
     flaps: _Flaps  # shared with RdmaCollector._flaps: it outlives rescans and the device
     dir_fd: int | None = None  # the port directory (see _open_dir); closed by close()
     dir_id: tuple[int, int] = (-1, -1)  # its (st_dev, st_ino)
+    # An fd held open per counter file (None: opened at each read), read with pread() at offset 0,
+    # which makes sysfs run the attribute's show() afresh: one syscall per counter instead of three.
+    held: list[int | None] = field(default_factory=list)
+    subdirs: tuple[tuple[str, int, int], ...] = ()  # (counters/ hw_counters/ ..., st_ino, st_mtime_ns)
 
     def open_dir(self) -> None:
-        """(Re)open the port directory's fd (for a new layout, or after the directory was replaced)."""
+        """(Re)open the port directory's fd and the counter files' (for a new layout, or after the
+        directory or one of its counter directories changed)."""
         self.close()
+        self.held = [None] * len(self.counters)
         opened = _open_dir(self.path)
-        if opened is not None:
-            self.dir_fd, self.dir_id = opened
+        if opened is None:
+            return
+        self.dir_fd, self.dir_id = opened
+        self.subdirs = ()  # empty: no fd held, nothing to watch
+        if not self.counters or not _fds_to_spare(len(self.counters)):
+            return
+        try:
+            subdirs = tuple(self._subdir_ids(sorted({name.partition("/")[0] for name, *_ in self.counters})))
+        except OSError:
+            return  # a counter directory unreadable: every file is opened at each read
+        self.subdirs = subdirs
+        for i, (name, *_) in enumerate(self.counters):
+            try:
+                self.held[i] = os.open(name, os.O_RDONLY, dir_fd=self.dir_fd)
+            except OSError:
+                pass  # opened at each read, which reports the error as it always did
+
+    def _subdir_ids(self, subs: Iterable[str]) -> Iterable[tuple[str, int, int]]:
+        for sub in subs:
+            st = os.stat(sub, dir_fd=self.dir_fd)
+            yield sub, st.st_ino, st.st_mtime_ns
+
+    def _subdirs_changed(self) -> bool:
+        """Whether a counter directory was replaced or had files added or removed (never on sysfs
+        itself, where a driver reload replaces the port directory, but a held fd would go on
+        reading a removed file's last contents)."""
+        try:
+            return tuple(self._subdir_ids(sub for sub, _, _ in self.subdirs)) != self.subdirs
+        except OSError:
+            return True
 
     def current_dir_fd(self) -> int | None:
         """The directory fd, if it is still the directory ``path`` names; None: read by path.
@@ -345,7 +392,7 @@ class _PortLayout:
             st = os.stat(self.path)
         except OSError:
             return None  # gone or unreachable: read by path, which fails as it always did
-        if (st.st_dev, st.st_ino) != self.dir_id:
+        if (st.st_dev, st.st_ino) != self.dir_id or (self.subdirs and self._subdirs_changed()):
             self.open_dir()
         return self.dir_fd
 
@@ -353,10 +400,14 @@ class _PortLayout:
         fd, self.dir_fd = self.dir_fd, None
         if fd is not None:
             os.close(fd)
+        held, self.held = self.held, [None] * len(self.held)
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
 
     def __del__(self) -> None:
         """A layout dropped without close() (a collector that is never closed) does not leak its fd."""
-        if getattr(self, "dir_fd", None) is not None:
+        if getattr(self, "dir_fd", None) is not None or any(getattr(self, "held", ())):
             self.close()
 
 
@@ -578,29 +629,26 @@ class RdmaCollector(Collector):
 
         # The hot loop (~50 files per port, every collection): the read and the all-digits parse are
         # inlined, as each Python call layer here costs more than the parse itself.
-        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
-        for name, metric, row_labels, scale, supersedes in p.counters:
+        os_pread = os.pread
+        for (name, metric, row_labels, scale, supersedes), held in zip(p.counters, p.held, strict=True):
             if dir_fd is None:
                 v = self._counter(device, layout, os.path.join(p.path, name))
                 if v is None:
                     continue
             else:
-                try:
-                    fd = os_open(name, rdonly, dir_fd=dir_fd)
-                except OSError as exc:
-                    data = self._read_by_path(device, layout, p, name, exc, missing_ok=False)
+                if held is not None:
+                    try:
+                        data = os_pread(held, _SMALL_READ, 0)
+                        if len(data) == _SMALL_READ:
+                            data = os_pread(held, 4096, 0)
+                    except OSError as exc:  # ENODEV: the device went away; EINVAL, EIO...: its show() failed
+                        data = self._read_by_path(device, layout, p, name, exc, missing_ok=False)
+                        if data is None:
+                            continue
+                else:
+                    data = self._open_and_read(device, layout, p, dir_fd, name)
                     if data is None:
                         continue
-                else:
-                    try:
-                        data = os_read(fd, _SMALL_READ)
-                        if len(data) == _SMALL_READ:
-                            data += os_read(fd, 4096 - _SMALL_READ)
-                    except OSError as exc:
-                        self._failed(device, layout, os.path.join(p.path, name), exc, missing_ok=False)
-                        continue
-                    finally:
-                        os_close(fd)
                 text = data.strip()
                 if text.isdigit():  # bytes.isdigit: ASCII digits only, as _int requires
                     v = int(text)
@@ -613,6 +661,24 @@ class RdmaCollector(Collector):
                 rows[-1] = (row_labels, v * scale)
             else:
                 rows.append((row_labels, v * scale))
+
+    def _open_and_read(self, device: str, layout: _DeviceLayout, p: _PortLayout, dir_fd: int,
+                       name: str) -> bytes | None:
+        """A counter file without a held fd, opened through the port directory's fd for one read."""
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except OSError as exc:
+            return self._read_by_path(device, layout, p, name, exc, missing_ok=False)
+        try:
+            data = os.read(fd, _SMALL_READ)
+            if len(data) == _SMALL_READ:
+                data += os.read(fd, 4096 - _SMALL_READ)
+        except OSError as exc:
+            self._failed(device, layout, os.path.join(p.path, name), exc, missing_ok=False)
+            return None
+        finally:
+            os.close(fd)
+        return data
 
     def _failed(self, device: str, layout: _DeviceLayout, path: str, exc: OSError, missing_ok: bool) -> None:
         """A failed per-collection read: counted (unless merely missing and that is ok); a vanished

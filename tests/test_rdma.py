@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -550,10 +551,19 @@ def fds_under(path: Path) -> list[str]:
 
 
 def port_dirs(sysfs: Path) -> list[str]:
-    return sorted(str(p.resolve()) for p in (sysfs / "class/infiniband").glob("*/ports/*") if p.is_dir())
+    """What the collector holds open: each port directory and each counter file it reads."""
+    wanted = (("counters", lambda f: f in rdma.PMA_COUNTERS), ("counters_ext", lambda f: f in rdma.PMA_EXT_COUNTERS),
+              ("hw_counters", lambda f: f not in rdma.HW_NOT_COUNTERS))
+    out = []
+    for port in (sysfs / "class/infiniband").glob("*/ports/*"):
+        if port.is_dir():
+            out.append(str(port.resolve()))
+            out += [str((port / sub / f).resolve()) for sub, keep in wanted if (port / sub).is_dir()
+                    for f in os.listdir(port / sub) if keep(f)]
+    return sorted(out)
 
 
-def test_one_directory_fd_per_port_is_held_and_close_releases_them(tmp_path):
+def test_port_directory_and_counter_fds_are_held_and_close_releases_them(tmp_path):
     sysfs = copy_tree(tmp_path)
     c = RdmaCollector(str(sysfs))
     first = render(c.collect())
@@ -630,7 +640,7 @@ def test_devices_that_swap_names_report_what_their_paths_now_hold(tmp_path):
     m = parse(render(c.collect()))
     assert value(m, "rdma_port_link_downed_total", device="mlx5_4", port="1") == 55
     assert value(m, "rdma_port_link_downed_total", device="mlx5_5", port="1") == 2
-    assert fds_under(sysfs) == [str((ib / d / "ports/1").resolve()) for d in ("mlx5_4", "mlx5_5")]
+    assert fds_under(sysfs) == [f for f in port_dirs(sysfs) if "/mlx5_4/" in f or "/mlx5_5/" in f]
     c.close()
 
 
@@ -683,6 +693,8 @@ def test_no_fd_leak_over_100_collections_with_a_device_coming_and_going(tmp_path
 def test_open_errors_through_the_directory_fd_count_once_and_stale_ones_read_by_path(monkeypatch):
     # ENODEV/ESTALE from an open relative to the held directory may only mean that it was replaced
     # since the collection began: the path decides, as without fds. Any other error is the file's own.
+    # (Counter files are opened at each read when no fds are to spare.)
+    monkeypatch.setattr(rdma, "_fds_to_spare", lambda n: False)
     real_open = rdma.os.open
     failing = {"counters/symbol_error": errno.ESTALE, "hw_counters/np_cnp_sent": errno.ENODEV,
                "rate": errno.ENOENT, "counters/link_downed": errno.EINVAL}
@@ -708,6 +720,57 @@ def test_open_errors_through_the_directory_fd_count_once_and_stale_ones_read_by_
     assert value(m, "rdma_port_rate_bytes_per_second", **lab) == 25e9
     assert "rdma_port_link_downed_total" not in names_with(m, "mlx5_4")
     assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 1
+
+
+def test_pread_errors_on_held_counter_fds_count_once_and_vanished_ones_read_by_path(monkeypatch):
+    # A held counter fd whose node went away reads ENODEV (sysfs) or ESTALE: the path decides, as
+    # without held fds; any other error (EINVAL, EIO from the driver's show()) is the counter's own.
+    failing = {"counters/symbol_error": errno.ESTALE, "hw_counters/np_cnp_sent": errno.ENODEV,
+               "counters/link_downed": errno.EINVAL, "counters/port_rcv_errors": errno.EIO}
+    c = RdmaCollector(str(OURS_SYSFS), device_include="mlx5_4")
+    c.collect()
+    (port,) = c._layouts["mlx5_4"].ports
+    fds = {fd: name for (name, *_), fd in zip(port.counters, port.held, strict=True) if fd is not None}
+    assert set(failing) <= set(fds.values())  # those files are read through held fds
+    real_pread, preads = rdma.os.pread, []
+
+    def fake_pread(fd, n, offset):
+        preads.append(fds.get(fd))
+        if fds.get(fd) in failing:
+            raise OSError(failing[fds[fd]], "simulated")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(rdma.os, "pread", fake_pread)
+    m = parse(render(c.collect()))
+    monkeypatch.undo()
+    c.close()
+    assert set(preads) == set(fds.values())  # every counter by pread, none opened again
+    lab = {"device": "mlx5_4", "port": "1"}
+    assert value(m, "rdma_port_symbol_errors_total", **lab) == 3
+    assert value(m, "rdma_port_cnp_sent_total", **lab) == 18342
+    assert "rdma_port_link_downed_total" not in names_with(m, "mlx5_4")
+    assert "rdma_port_receive_errors_total" not in names_with(m, "mlx5_4")
+    assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 2
+
+
+def test_a_counter_file_changed_under_a_held_fd_is_read_afresh_each_collection(tmp_path):
+    """pread at offset 0 reads the file as it is now (sysfs runs show() again; a rewritten file
+    gives its new contents), and a counter directory whose files change is opened again."""
+    sysfs = copy_tree(tmp_path)
+    port = sysfs / "class/infiniband/mlx5_4/ports/1"
+    c = RdmaCollector(str(sysfs), rescan_interval=3600.0)
+    lab = {"device": "mlx5_4", "port": "1"}
+    try:
+        for n in (5, 123456789012345678901234567890, 7):
+            (port / "counters/link_downed").write_text(f"{n}\n")
+            assert value(parse(render(c.collect())), "rdma_port_link_downed_total", **lab) == n
+        (port / "counters/link_downed").unlink()  # a held fd would still read "7"
+        m = parse(render(c.collect()))
+        assert "rdma_port_link_downed_total" not in names_with(m, "mlx5_4")
+        assert value(m, "gpufleet_exporter_rdma_read_errors_total", device="mlx5_4") == 1
+        assert fds_under(sysfs) == port_dirs(sysfs)
+    finally:
+        c.close()
 
 
 def test_a_substituted_read_file_sees_every_read_and_no_fds_are_opened(tmp_path, monkeypatch):
